@@ -1,0 +1,343 @@
+"""Decoding, validation and the canonical JSON form of events (SPEC §5).
+
+``parse_event`` / ``parse_event_obj`` never raise on bad input: they return an
+:class:`EventRejection` carrying the dead-letter ``code`` and a readable, field-naming
+``error``, because invalid input must be dead-lettered, never dropped and never crash a
+worker. ``validate_event`` is the raising convenience for publishers.
+"""
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, NoReturn
+
+from pydantic import ValidationError
+
+from events.models import (
+    EVENT_MODELS,
+    EVENT_TYPES,
+    FIELD_ERROR,
+    RULE_ERROR,
+    BaseEvent,
+    Event,
+    describe_value,
+    is_valid_event_id,
+)
+
+__all__ = [
+    "MAX_EVENT_BYTES",
+    "EventRejection",
+    "InvalidEvent",
+    "RejectionCode",
+    "canonical_json",
+    "canonical_payload",
+    "event_to_payload",
+    "parse_event",
+    "parse_event_obj",
+    "validate_event",
+]
+
+MAX_EVENT_BYTES = 64 * 1024
+"""Largest accepted event, in UTF-8 bytes of the line (without its line terminator)."""
+
+RejectionCode = Literal["too_large", "invalid_event"]
+
+_MAX_REPORTED_ERRORS = 10  # an object with 5000 unknown keys must not give a 5000-part message
+_MAX_FIELD_NAME_CHARS = 80
+
+
+@dataclass(frozen=True)
+class EventRejection:
+    """Why one line/message was not an event; the row to write to ``dead_letters``.
+
+    ``event_id`` is set only when the input is a JSON object whose ``event_id`` is itself a
+    valid event id, so a dead letter can be tied to its publisher's key without trusting junk.
+    """
+
+    code: RejectionCode
+    error: str
+    event_id: str | None
+    raw: str
+
+
+class InvalidEvent(ValueError):
+    """Raised by :func:`validate_event`; carries the same data as :class:`EventRejection`."""
+
+    def __init__(self, rejection: EventRejection) -> None:
+        super().__init__(f"{rejection.code}: {rejection.error}")
+        self.rejection = rejection
+        self.code: RejectionCode = rejection.code
+        self.error: str = rejection.error
+        self.event_id: str | None = rejection.event_id
+        self.raw: str = rejection.raw
+
+
+# --- canonical form --------------------------------------------------------------------------
+
+
+def canonical_json(obj: Any) -> str:
+    """The one JSON spelling of a value: sorted keys, no spaces, UTF-8 text (not \\u escapes).
+
+    ``allow_nan=False``: NaN/Infinity are not JSON and would make the text unparseable by
+    other languages (and every event value is finite anyway).
+    """
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def event_to_payload(event: BaseEvent) -> dict[str, Any]:
+    """The event as plain JSON data with every field, defaults and nulls included.
+
+    Times are :func:`events.iso_utc` text, amounts plain decimal strings ("99", "99.5"),
+    integral bandwidths ints — so equal events always give equal payloads.
+    """
+    if not isinstance(event, BaseEvent):
+        raise TypeError(f"event_to_payload expects an event model, got {type(event).__name__}")
+    return event.model_dump(mode="json")
+
+
+def canonical_payload(event: BaseEvent) -> str:
+    """``canonical_json(event_to_payload(event))``: what the ledger stores and hashes."""
+    return canonical_json(event_to_payload(event))
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+class _BadJson(ValueError):
+    """JSON that the stdlib would accept but we do not (duplicate keys, NaN, Infinity)."""
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # The stdlib keeps the last duplicate silently; for an audited ledger an ambiguous
+    # object is invalid input, not something to guess about.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _BadJson(f"duplicate key {describe_value(key)}")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise _BadJson(f"{name} is not allowed in JSON")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _safe_text(text: str) -> str:
+    # Lone surrogates cannot be encoded as UTF-8 (and so cannot be stored); escape them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _strip_terminator(text: str) -> str:
+    # The line terminator is not part of the event (nor of its 64 KiB budget).
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith("\n"):
+        return text[:-1]
+    return text
+
+
+def parse_event(raw: str | bytes) -> Event | EventRejection:
+    """Parse one JSONL line or one message into an event, or say why it is not one.
+
+    Checked in SPEC order: over :data:`MAX_EVENT_BYTES` UTF-8 bytes → ``too_large`` (without
+    parsing it); anything else wrong → ``invalid_event``. A trailing ``\\n`` / ``\\r\\n`` and
+    a leading UTF-8 BOM are ignored. Never raises, except ``TypeError`` for input that is not
+    ``str`` or ``bytes``.
+    """
+    if isinstance(raw, bytes | bytearray | memoryview):
+        data = bytes(raw)
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        elif data.endswith(b"\n"):
+            data = data[:-1]
+        # Kept as faithful as possible for the dead-letter row; invalid bytes become \xNN.
+        raw_text = data.decode("utf-8", "backslashreplace")
+        size = len(data)
+        if size > MAX_EVENT_BYTES:
+            return _too_large(size, raw_text)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return EventRejection(
+                "invalid_event",
+                f"not valid UTF-8: undecodable byte at position {exc.start}",
+                None,
+                raw_text,
+            )
+    elif isinstance(raw, str):
+        text = _strip_terminator(raw)
+        raw_text = _safe_text(text)
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_EVENT_BYTES:
+            return _too_large(size, raw_text)
+    else:
+        raise TypeError(f"parse_event expects str or bytes, got {type(raw).__name__}")
+
+    try:
+        obj = json.loads(
+            text.removeprefix("\ufeff"),
+            object_pairs_hook=_reject_duplicate_keys,
+            parse_constant=_reject_constant,
+        )
+    except RecursionError:
+        return _invalid("not valid JSON: nested too deeply", None, raw_text)
+    except _BadJson as exc:
+        return _invalid(f"not valid JSON: {exc}", None, raw_text)
+    except json.JSONDecodeError as exc:
+        return _invalid(
+            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", None, raw_text
+        )
+    except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
+        first_line = str(exc).split("\n", 1)[0].split(";", 1)[0]
+        return _invalid(f"not valid JSON: {first_line}", None, raw_text)
+    return _validate(obj, raw_text)
+
+
+def parse_event_obj(obj: object, raw: str | None = None) -> Event | EventRejection:
+    """Validate an already-decoded JSON value (HTTP API bodies, publisher dicts).
+
+    ``too_large`` is measured on the canonical JSON of ``obj``. ``raw`` is what to keep in a
+    rejection; by default the canonical JSON of ``obj``. An event model is accepted too (it is
+    re-validated from its payload). Never raises.
+    """
+    if isinstance(obj, BaseEvent):
+        obj = event_to_payload(obj)
+    try:
+        text: str | None = canonical_json(obj)
+    except RecursionError:
+        return _invalid(
+            "not valid JSON: nested too deeply", None, raw or "<value nested too deeply>"
+        )
+    except (TypeError, ValueError):
+        text = None  # not pure JSON data (e.g. a datetime from Python); size it leniently
+        with contextlib.suppress(TypeError, ValueError, RecursionError):
+            text = json.dumps(obj, default=repr, ensure_ascii=False, separators=(",", ":"))
+    if raw is None:
+        raw = text if text is not None else f"<{type(obj).__name__} that is not JSON data>"
+    raw = _safe_text(raw)
+    if text is not None:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_EVENT_BYTES:
+            return _too_large(size, raw)
+    return _validate(obj, raw)
+
+
+def validate_event(obj_or_event: object) -> Event:
+    """Return the validated event or raise :class:`InvalidEvent`.
+
+    ``str``/``bytes`` are taken as JSON text (like :func:`parse_event`); anything else as a
+    decoded JSON value or an event model (like :func:`parse_event_obj`).
+    """
+    if isinstance(obj_or_event, str | bytes | bytearray):
+        result = parse_event(obj_or_event)
+    else:
+        result = parse_event_obj(obj_or_event)
+    if isinstance(result, EventRejection):
+        raise InvalidEvent(result)
+    return result
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _too_large(size: int, raw: str) -> EventRejection:
+    return EventRejection(
+        "too_large",
+        f"event is {size} bytes, over the limit of {MAX_EVENT_BYTES} bytes (64 KiB)",
+        None,
+        raw,
+    )
+
+
+def _invalid(error: str, event_id: str | None, raw: str) -> EventRejection:
+    # One line, storable as UTF-8: it goes to dead_letters.error and to CLI output.
+    one_line = error.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    return EventRejection("invalid_event", _safe_text(one_line), event_id, raw)
+
+
+def _valid_event_id(obj: dict[Any, Any]) -> str | None:
+    value = obj.get("event_id")
+    return value if is_valid_event_id(value) else None
+
+
+def _validate(obj: object, raw: str) -> Event | EventRejection:
+    try:
+        if not isinstance(obj, dict):
+            return _invalid(f"expected a JSON object, got {_json_type(obj)}", None, raw)
+        event_id = _valid_event_id(obj)
+        if "type" not in obj:
+            return _invalid("type: required field is missing", event_id, raw)
+        event_type = obj["type"]
+        if not isinstance(event_type, str):
+            return _invalid(
+                f"type: must be a string (got {describe_value(event_type)})", event_id, raw
+            )
+        model = EVENT_MODELS.get(event_type)
+        if model is None:
+            return _invalid(
+                f"type: unknown event type {describe_value(event_type)} "
+                f"(expected one of: {', '.join(EVENT_TYPES)})",
+                event_id,
+                raw,
+            )
+        try:
+            return model.model_validate(obj)  # type: ignore[return-value]
+        except ValidationError as exc:
+            return _invalid(_format_errors(exc), event_id, raw)
+    except RecursionError:
+        return _invalid("nested too deeply", None, raw)
+    except Exception as exc:  # last line of defence: a bug here must dead-letter, not crash
+        return _invalid(f"could not validate event: {type(exc).__name__}: {exc}", None, raw)
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    name = ".".join(str(part) for part in loc)
+    if len(name) > _MAX_FIELD_NAME_CHARS:
+        name = name[:_MAX_FIELD_NAME_CHARS] + "…"
+    return name
+
+
+def _format_errors(exc: ValidationError) -> str:
+    """One readable line per problem, each naming its field, joined by "; "."""
+    parts: list[str] = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = tuple(err["loc"])
+        field = _field_name(loc)
+        kind = err["type"]
+        if kind == "missing":
+            part = f"{field}: required field is missing"
+        elif kind == "extra_forbidden":
+            key = loc[-1] if loc else field
+            part = f"unknown field {describe_value(key if isinstance(key, str) else str(key))}"
+        elif kind in (FIELD_ERROR, RULE_ERROR) or not loc:
+            part = f"{field}: {err['msg']}" if loc else err["msg"]
+        else:  # pydantic's own wording, e.g. for a literal `type` mismatch
+            part = f"{field}: {err['msg']}"
+        if part not in parts:
+            parts.append(part)
+    if len(parts) > _MAX_REPORTED_ERRORS:
+        extra = len(parts) - _MAX_REPORTED_ERRORS
+        parts = [*parts[:_MAX_REPORTED_ERRORS], f"… and {extra} more problems"]
+    return "; ".join(parts)
