@@ -1,0 +1,216 @@
+"""Every database table of the project (SPEC §6), as SQLModel classes.
+
+The schema itself is owned by the Alembic migrations in ``ledger/migrations``; these classes
+must describe exactly the same thing (a test compares them with ``compare_metadata``). So a
+change here needs a new migration.
+
+Times are timezone-aware UTC everywhere (``UTCDateTime``). JSON columns hold plain lists and
+dicts and are not mutation-tracked: assign a new object instead of changing one in place.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeEngine
+from sqlmodel import Field, SQLModel
+
+from ledger.chain import GENESIS_HASH
+
+__all__ = [
+    "DeadLetter",
+    "FilingRow",
+    "InstanceRow",
+    "LedgerEntry",
+    "ServiceNumberRow",
+    "UTCDateTime",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` that only ever holds aware UTC datetimes.
+
+    Writing a naive datetime raises ``ValueError``: its zone would be a guess. PostgreSQL keeps
+    ``timestamptz`` and answers in the session's zone, so reads are converted to UTC; SQLite
+    has no zone at all and stores text, so writes are normalised to UTC (which also keeps the
+    text order equal to the time order) and reads get UTC attached.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"UTCDateTime needs a datetime, got {type(value).__name__}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r} refused: give it a timezone")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            # SQLite's DATETIME drops the zone silently; store the UTC wall time.
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _bigint_pk() -> TypeEngine[int]:
+    # SQLite only autoincrements a column declared exactly ``INTEGER PRIMARY KEY`` (the rowid).
+    return BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _json() -> TypeEngine[Any]:
+    return JSON().with_variant(JSONB(), "postgresql")
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One append-only ledger entry (SPEC §6). UPDATE/DELETE/TRUNCATE are refused by triggers."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        UniqueConstraint("event_id", name="uq_ledger_entries_event_id"),
+        UniqueConstraint("instance_id", "instance_seq", name="uq_ledger_entries_instance_seq"),
+    )
+
+    # Global commit order; None until flushed.
+    seq: int | None = Field(
+        default=None,
+        sa_column=Column("seq", _bigint_pk(), primary_key=True, autoincrement=True),
+    )
+    instance_id: str = Field(max_length=128, index=True)
+    instance_seq: int  # 1, 2, … per instance
+    event_id: str = Field(max_length=200)
+    type: str = Field(max_length=64)
+    occurred_at: datetime = Field(sa_column=Column("occurred_at", UTCDateTime(), nullable=False))
+    recorded_at: datetime = Field(
+        default_factory=utcnow,
+        sa_column=Column("recorded_at", UTCDateTime(), nullable=False),
+    )
+    payload: str = Field(sa_column=Column("payload", Text(), nullable=False))  # canonical JSON
+    outcome: str = Field(max_length=16)  # applied | rejected | stale
+    reasons: list[str] = Field(
+        default_factory=list, sa_column=Column("reasons", _json(), nullable=False)
+    )
+    result: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column("result", _json(), nullable=False)
+    )
+    policy_version: str = Field(max_length=64)
+    prev_hash: str = Field(min_length=64, max_length=64)
+    hash: str = Field(min_length=64, max_length=64)
+
+
+class InstanceRow(SQLModel, table=True):
+    """The projection of one instance: the folded state plus the chain head that guards it."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        # The expiry sweep: status = 'active' AND billing_method = 'subscription' AND
+        # expires_at <= now, so its cost follows the due instances only.
+        Index("ix_instances_sweep", "status", "billing_method", "expires_at"),
+    )
+
+    instance_id: str = Field(max_length=128, primary_key=True)
+    account_id: str | None = Field(default=None, max_length=128)
+    product_type: str | None = Field(default=None, max_length=64, index=True)
+    region: str | None = Field(default=None, max_length=64)
+    billing_method: str | None = Field(default=None, max_length=32)
+    expires_at: datetime | None = Field(
+        default=None, sa_column=Column("expires_at", UTCDateTime(), nullable=True)
+    )
+    status: str = Field(default="unknown", max_length=16)  # active|expired|released|unknown
+    entries: int = 0  # the chain head: number of entries …
+    head_hash: str = Field(default=GENESIS_HASH, min_length=64, max_length=64)  # … and last hash
+    state: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column("state", _json(), nullable=False)
+    )
+    updated_at: datetime = Field(
+        default_factory=utcnow,
+        sa_column=Column("updated_at", UTCDateTime(), nullable=False),
+    )
+
+
+class ServiceNumberRow(SQLModel, table=True):
+    """Projection of one issued service number."""
+
+    __tablename__ = "service_numbers"
+
+    number: str = Field(max_length=64, primary_key=True)
+    instance_id: str = Field(max_length=128, index=True)
+    status: str = Field(max_length=16)  # active | used | invalidated
+    issued_at: datetime = Field(sa_column=Column("issued_at", UTCDateTime(), nullable=False))
+    issue_order: int  # 1, 2, … within the instance
+    filing_id: str | None = Field(default=None, max_length=128)
+    website: str | None = Field(default=None, max_length=253)
+    subject_id: str | None = Field(default=None, max_length=128)
+    used_at: datetime | None = Field(
+        default=None, sa_column=Column("used_at", UTCDateTime(), nullable=True)
+    )
+    invalidated_at: datetime | None = Field(
+        default=None, sa_column=Column("invalidated_at", UTCDateTime(), nullable=True)
+    )
+    invalidated_reason: str | None = Field(default=None, max_length=64)
+
+
+class FilingRow(SQLModel, table=True):
+    """Projection of one accepted filing of an instance (filing ids are per instance)."""
+
+    __tablename__ = "filings"
+
+    instance_id: str = Field(max_length=128, primary_key=True)
+    filing_id: str = Field(max_length=128, primary_key=True)
+    service_number: str = Field(max_length=64)
+    website: str = Field(max_length=253)
+    subject_id: str = Field(max_length=128)
+    status: str = Field(max_length=16)  # accepted | withdrawn
+    accepted_at: datetime = Field(sa_column=Column("accepted_at", UTCDateTime(), nullable=False))
+    accept_order: int  # 1, 2, … within the instance
+    withdrawn_at: datetime | None = Field(
+        default=None, sa_column=Column("withdrawn_at", UTCDateTime(), nullable=True)
+    )
+
+
+class DeadLetter(SQLModel, table=True):
+    """An input that was never appended (SPEC §5). ``event_id`` repeats: not unique."""
+
+    __tablename__ = "dead_letters"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column("id", _bigint_pk(), primary_key=True, autoincrement=True),
+    )
+    received_at: datetime = Field(
+        default_factory=utcnow,
+        sa_column=Column("received_at", UTCDateTime(), nullable=False, index=True),
+    )
+    event_id: str | None = Field(default=None, max_length=200, index=True)
+    code: str = Field(max_length=32)  # too_large | invalid_event | event_id_reused | …
+    error: str = Field(sa_column=Column("error", Text(), nullable=False))
+    raw: str = Field(sa_column=Column("raw", Text(), nullable=False))
