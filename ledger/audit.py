@@ -1,0 +1,257 @@
+"""Rebuild and verify: the auditor's two questions.
+
+- ``verify``: does every instance's hash chain recompute, link, and end at the head its
+  projection recorded? Finds changed, removed (the last ones included), inserted or reordered
+  entries.
+- ``rebuild``: does folding the recorded entries give exactly the stored projections? It never
+  decides again (decisions are in the entries), and it never lowers a head: an instance whose
+  entries end before its recorded head, or whose chain does not verify, is ``broken`` and left
+  as it is, so a rebuild can never launder tampering.
+
+Both stream the ledger ordered by (instance_id, instance_seq) and work a page of instances at a
+time, so memory stays flat however large the ledger is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import groupby
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from events import EventRejection, parse_event
+from ledger.chain import GENESIS_HASH, verify_chain
+from ledger.db import lock_instances
+from ledger.rules import fold
+from ledger.service import (
+    filing_row_values,
+    instance_row_values,
+    number_row_values,
+    utcnow,
+)
+from ledger.state import InstanceState
+from ledger.tables import FilingRow, InstanceRow, LedgerEntry, ServiceNumberRow
+
+Progress = Callable[[int], None]
+_PAGE = 500
+
+
+@dataclass
+class VerifyReport:
+    entries: int = 0
+    instances: int = 0
+    broken: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": not self.broken,
+            "entries": self.entries,
+            "instances": self.instances,
+            "broken": sorted(self.broken),
+        }
+
+
+@dataclass
+class RebuildReport:
+    instances: int = 0
+    entries: int = 0
+    drift: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instances": self.instances,
+            "entries": self.entries,
+            "drift": sorted(self.drift),
+            "broken": sorted(self.broken),
+        }
+
+
+_ENTRY_COLUMNS = (
+    LedgerEntry.instance_id,
+    LedgerEntry.instance_seq,
+    LedgerEntry.event_id,
+    LedgerEntry.type,
+    LedgerEntry.occurred_at,
+    LedgerEntry.payload,
+    LedgerEntry.outcome,
+    LedgerEntry.reasons,
+    LedgerEntry.result,
+    LedgerEntry.policy_version,
+    LedgerEntry.prev_hash,
+    LedgerEntry.hash,
+)
+
+
+def _instance_pages(engine: Engine) -> Iterator[list[str]]:
+    """The ledger's instance ids in pages, by keyset on the instance_id index.
+
+    Each page is then read and checked in a transaction of its own: no transaction stays open
+    across the whole ledger (SQLite has a single writer, and PostgreSQL would hold a snapshot
+    for the whole run).
+    """
+    last: str | None = None
+    while True:
+        query = select(LedgerEntry.instance_id).distinct().order_by(LedgerEntry.instance_id)
+        if last is not None:
+            query = query.where(LedgerEntry.instance_id > last)
+        with Session(engine) as session:
+            page = list(session.execute(query.limit(_PAGE)).scalars())
+        if not page:
+            return
+        yield page
+        last = page[-1]
+
+
+def _chains(session: Session, instance_ids: list[str]) -> list[tuple[str, list[Any]]]:
+    query = (
+        select(*_ENTRY_COLUMNS)
+        .where(LedgerEntry.instance_id.in_(instance_ids))
+        .order_by(LedgerEntry.instance_id, LedgerEntry.instance_seq)
+    )
+    rows = session.execute(query).all()
+    return [(iid, list(group)) for iid, group in groupby(rows, key=lambda row: row.instance_id)]
+
+
+def _heads(session: Session, instance_ids: list[str]) -> dict[str, InstanceRow]:
+    query = select(InstanceRow).where(InstanceRow.instance_id.in_(instance_ids))
+    return {row.instance_id: row for row in session.execute(query).scalars()}
+
+
+def _orphan_heads(session: Session, seen: set[str]) -> list[str]:
+    """Projection rows that claim entries the ledger does not have at all."""
+    query = select(InstanceRow.instance_id).where(InstanceRow.entries > 0)
+    return [iid for (iid,) in session.execute(query) if iid not in seen]
+
+
+def verify(engine: Engine, *, progress: Progress | None = None) -> VerifyReport:
+    report = VerifyReport()
+    seen: set[str] = set()
+    for instance_ids in _instance_pages(engine):
+        with Session(engine) as session:
+            heads = _heads(session, instance_ids)
+            chains = _chains(session, instance_ids)
+        for instance_id, rows in chains:
+            seen.add(instance_id)
+            head = heads.get(instance_id)
+            expected = (head.entries, head.head_hash) if head else (0, GENESIS_HASH)
+            if head is None or verify_chain(rows, head=expected) is not None:
+                report.broken.append(instance_id)
+            report.entries += len(rows)
+        if progress:
+            progress(sum(len(rows) for _, rows in chains))
+    with Session(engine) as session:
+        orphans = _orphan_heads(session, seen)
+    report.broken.extend(orphans)
+    report.instances = len(seen) + len(orphans)
+    return report
+
+
+def fold_entries(instance_id: str, rows: list[Any]) -> InstanceState:
+    """The projection of one instance from its recorded entries (never deciding again)."""
+    state = InstanceState(instance_id)
+    for row in rows:
+        event = parse_event(row.payload)
+        if isinstance(event, EventRejection):
+            raise ValueError(f"entry {row.event_id} holds an unparsable payload: {event.error}")
+        state = fold(
+            state,
+            event,
+            outcome=row.outcome,
+            result=row.result or {},
+            instance_seq=row.instance_seq,
+            entry_hash=row.hash,
+        )
+    return state
+
+
+def _stored_rows(
+    session: Session, table: type, instance_ids: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    by_instance: dict[str, list[dict[str, Any]]] = {iid: [] for iid in instance_ids}
+    query = select(table).where(table.instance_id.in_(instance_ids))
+    for row in session.execute(query).scalars():
+        by_instance[row.instance_id].append(row.model_dump())
+    return by_instance
+
+
+def _key(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda row: row[key])
+
+
+def rebuild(
+    engine: Engine,
+    *,
+    check: bool = False,
+    progress: Progress | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> RebuildReport:
+    report = RebuildReport()
+    seen: set[str] = set()
+    for instance_ids in _instance_pages(engine):
+        with Session(engine) as session, session.begin():
+            # Lock the page's instances so a concurrent applier cannot move a head between
+            # our read of the entries and our write of the projection.
+            lock_instances(session, instance_ids)
+            chains = _chains(session, instance_ids)
+            _rebuild_page(session, chains, report, check=check, now=clock())
+        seen.update(instance_ids)
+        if progress:
+            progress(sum(len(rows) for _, rows in chains))
+    with Session(engine) as session:
+        orphans = _orphan_heads(session, seen)
+    report.broken.extend(orphans)
+    report.instances = len(seen) + len(orphans)
+    return report
+
+
+def _rebuild_page(
+    session: Session,
+    page: list[tuple[str, list[Any]]],
+    report: RebuildReport,
+    *,
+    check: bool,
+    now: datetime,
+) -> None:
+    instance_ids = [iid for iid, _ in page]
+    heads = _heads(session, instance_ids)
+    numbers = _stored_rows(session, ServiceNumberRow, instance_ids)
+    filings = _stored_rows(session, FilingRow, instance_ids)
+    for instance_id, rows in page:
+        report.entries += len(rows)
+        head = heads.get(instance_id)
+        if (head is not None and head.entries > len(rows)) or verify_chain(rows) is not None:
+            report.broken.append(instance_id)
+            continue
+        state = fold_entries(instance_id, rows)
+        wanted = instance_row_values(state, now)
+        wanted_numbers = [number_row_values(instance_id, n) for n in state.numbers.values()]
+        wanted_filings = [filing_row_values(instance_id, f) for f in state.filings.values()]
+        same = (
+            head is not None
+            and all(
+                getattr(head, key) == value for key, value in wanted.items() if key != "updated_at"
+            )
+            and _key(numbers[instance_id], "number") == _key(wanted_numbers, "number")
+            and _key(filings[instance_id], "filing_id") == _key(wanted_filings, "filing_id")
+        )
+        if same:
+            continue
+        report.drift.append(instance_id)
+        if check:
+            continue
+        if head is None:
+            session.execute(insert(InstanceRow), [wanted])
+        else:
+            session.execute(update(InstanceRow), [wanted])
+        session.execute(delete(ServiceNumberRow).where(ServiceNumberRow.instance_id == instance_id))
+        session.execute(delete(FilingRow).where(FilingRow.instance_id == instance_id))
+        if wanted_numbers:
+            session.execute(insert(ServiceNumberRow), wanted_numbers)
+        if wanted_filings:
+            session.execute(insert(FilingRow), wanted_filings)

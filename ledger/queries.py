@@ -1,0 +1,99 @@
+"""Read-side queries shared by every interface: keyword-only arguments, an explicit session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from ledger.policy import Policy
+from ledger.state import InstanceState, state_from_json
+from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, ServiceNumberRow
+from ledger.views import (
+    dead_letter_view,
+    entry_view,
+    instance_summary,
+    instance_view,
+    service_number_view,
+)
+
+
+def load_state(session: Session, *, instance_id: str) -> InstanceState | None:
+    row = session.get(InstanceRow, instance_id)
+    if row is None or row.entries == 0:
+        return None
+    return state_from_json(row.state)
+
+
+def show_instance(
+    session: Session, *, instance_id: str, at: datetime, policy: Policy
+) -> dict[str, Any] | None:
+    """The ``show`` JSON, or None when the ledger has no entry for the instance."""
+    state = load_state(session, instance_id=instance_id)
+    return None if state is None else instance_view(state, policy, at)
+
+
+def instance_history(session: Session, *, instance_id: str) -> list[dict[str, Any]]:
+    query = (
+        select(LedgerEntry)
+        .where(LedgerEntry.instance_id == instance_id)
+        .order_by(LedgerEntry.instance_seq)
+    )
+    return [entry_view(entry) for entry in session.execute(query).scalars()]
+
+
+def iter_instances(
+    session: Session,
+    *,
+    policy: Policy,
+    at: datetime,
+    eligibility: str | None = None,
+    product: str | None = None,
+    expiring_before: datetime | None = None,
+    after: str | None = None,
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """``instances`` rows ordered by instance id; ``after``/``limit`` page through them.
+
+    Product and expiry filter in SQL; eligibility depends on the clock ``at``, so it is evaluated
+    here, on the folded state.
+    """
+    query = select(InstanceRow).where(InstanceRow.entries > 0).order_by(InstanceRow.instance_id)
+    if product is not None:
+        query = query.where(InstanceRow.product_type == product)
+    if expiring_before is not None:
+        query = query.where(InstanceRow.expires_at < expiring_before)
+    if after is not None:
+        query = query.where(InstanceRow.instance_id > after)
+    produced = 0
+    for row in session.execute(query.execution_options(yield_per=500)).scalars():
+        summary = instance_summary(state_from_json(row.state), policy, at)
+        if eligibility is not None and summary["eligibility"] != eligibility:
+            continue
+        yield summary
+        produced += 1
+        if limit is not None and produced >= limit:
+            return
+
+
+def list_instances(session: Session, **filters: Any) -> list[dict[str, Any]]:
+    return list(iter_instances(session, **filters))
+
+
+def service_number_info(session: Session, *, number: str) -> dict[str, Any] | None:
+    row = session.get(ServiceNumberRow, number)
+    return None if row is None else service_number_view(row)
+
+
+def rejected_events(
+    session: Session, *, after_id: int | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    query = select(DeadLetter).order_by(DeadLetter.id)
+    if after_id is not None:
+        query = query.where(DeadLetter.id > after_id)
+    if limit is not None:
+        query = query.limit(limit)
+    return [dead_letter_view(row) for row in session.execute(query).scalars()]
