@@ -406,9 +406,9 @@ class InstancePurchased(BaseEvent):
 
     * ``subscription``: ``term_months`` and ``expires_at`` are required and ``expires_at`` must
       be strictly after ``occurred_at``.
-    * ``pay_as_you_go``: ``term_months`` and ``expires_at`` must be absent or ``null`` — a
-      pay-as-you-go instance has no term or end, and accepting stray values would let them
-      leak into the term sum / ``expires_at`` fold of the ledger.
+    * ``pay_as_you_go``: ``term_months`` and ``expires_at`` are optional. A pay-as-you-go
+      instance has no term or end, so the ledger's rules ignore them (they stay in the payload
+      as sent); an ``expires_at`` that is present must still be after ``occurred_at``.
     * ``order_amount_cny`` is required (non-null) when ``product_type`` is ``marketplace``,
       optional otherwise.
     """
@@ -431,16 +431,7 @@ class InstancePurchased(BaseEvent):
                 problems.append("term_months: required for a subscription purchase")
             if self.expires_at is None:
                 problems.append("expires_at: required for a subscription purchase")
-        else:
-            if self.term_months is not None:
-                problems.append("term_months: must be absent or null for pay_as_you_go")
-            if self.expires_at is not None:
-                problems.append("expires_at: must be absent or null for pay_as_you_go")
-        if (
-            self.billing_method == "subscription"
-            and self.expires_at is not None
-            and self.expires_at <= self.occurred_at
-        ):
+        if self.expires_at is not None and self.expires_at <= self.occurred_at:
             problems.append(
                 f"expires_at: must be after occurred_at {_after(self.expires_at, self.occurred_at)}"
             )
@@ -470,7 +461,8 @@ class InstanceBillingConverted(BaseEvent):
     """``instance.billing_converted``: ``billing_method`` is the new method.
 
     To ``subscription``: ``term_months`` and ``expires_at`` required, ``expires_at`` strictly
-    after ``occurred_at``. To ``pay_as_you_go``: both must be absent or ``null``.
+    after ``occurred_at``. To ``pay_as_you_go``: both optional and ignored by the rules (a
+    present ``expires_at`` must still be after ``occurred_at``).
     """
 
     type: Literal["instance.billing_converted"] = "instance.billing_converted"
@@ -486,20 +478,10 @@ class InstanceBillingConverted(BaseEvent):
                 problems.append("term_months: required for a conversion to subscription")
             if self.expires_at is None:
                 problems.append("expires_at: required for a conversion to subscription")
-            elif self.expires_at <= self.occurred_at:
-                problems.append(
-                    "expires_at: must be after occurred_at "
-                    + _after(self.expires_at, self.occurred_at)
-                )
-        else:
-            if self.term_months is not None:
-                problems.append(
-                    "term_months: must be absent or null for a conversion to pay_as_you_go"
-                )
-            if self.expires_at is not None:
-                problems.append(
-                    "expires_at: must be absent or null for a conversion to pay_as_you_go"
-                )
+        if self.expires_at is not None and self.expires_at <= self.occurred_at:
+            problems.append(
+                "expires_at: must be after occurred_at " + _after(self.expires_at, self.occurred_at)
+            )
         _rule_error(problems)
         return self
 

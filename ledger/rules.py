@@ -175,7 +175,12 @@ def _decide_purchase(
         # Release is final; a second purchase of the same instance changes nothing.
         return STALE
     product = policy.product(event.product_type)
-    return _extend(state, event, event.expires_at, product, policy)
+    return _extend(state, event, _subscription_end(event), product, policy)
+
+
+def _subscription_end(event: InstancePurchased) -> datetime | None:
+    """A pay-as-you-go purchase may carry a term and an end; they describe no subscription."""
+    return event.expires_at if event.billing_method == SUBSCRIPTION else None
 
 
 def _decide_renewal(
@@ -385,13 +390,14 @@ def _fold_purchase(state: InstanceState, event: InstancePurchased, result: dict)
             account_id=event.account_id,
             product_type=event.product_type,
             region=event.region,
-            term_months=event.term_months,
+            term_months=event.term_months if event.billing_method == SUBSCRIPTION else None,
             order_amount_cny=event.order_amount_cny,
         ),
     )
     state = _set_billing(state, event, event.billing_method)
     state = _set_bandwidth(state, event, event.public_bandwidth_mbps)
-    return _fold_extension(state, event, event.term_months, event.expires_at, result)
+    end = _subscription_end(event)
+    return _fold_extension(state, event, event.term_months if end else None, end, result)
 
 
 def _fold_renewal(state: InstanceState, event: InstanceRenewed, result: dict) -> InstanceState:

@@ -392,16 +392,6 @@ INVALID: list[tuple[str, Any, str]] = [
         "expires_at: required for a subscription purchase",
     ),
     (
-        "payg purchase with term",
-        ev(PURCHASE, billing_method="pay_as_you_go", expires_at=DROP),
-        "term_months: must be absent or null for pay_as_you_go",
-    ),
-    (
-        "payg purchase with end",
-        ev(PURCHASE, billing_method="pay_as_you_go", term_months=DROP),
-        "expires_at: must be absent or null for pay_as_you_go",
-    ),
-    (
         "conversion to subscription without term",
         ev("instance.billing_converted", term_months=DROP),
         "term_months: required",
@@ -412,9 +402,9 @@ INVALID: list[tuple[str, Any, str]] = [
         "expires_at: required",
     ),
     (
-        "conversion to payg with term",
-        ev("instance.billing_converted", billing_method="pay_as_you_go", expires_at=None),
-        "term_months: must be absent or null",
+        "payg purchase with an end before it occurred",
+        ev(PURCHASE, billing_method="pay_as_you_go", expires_at="2025-01-01T00:00:00Z"),
+        "expires_at: must be after occurred_at",
     ),
     (
         "marketplace without amount",
@@ -1054,3 +1044,15 @@ def test_timestamps_round_trip(event_type: str, field: str, when: datetime) -> N
     if isinstance(result, BaseEvent):
         assert getattr(result, field) == when
         assert event_to_payload(result)[field] == iso_utc(when)
+
+
+def test_pay_as_you_go_may_carry_term_and_end_which_the_rules_ignore() -> None:
+    # Billing systems often send one purchase shape for both methods; refusing the whole event
+    # for a harmless extra term would lose a real purchase.
+    for data in (
+        ev(PURCHASE, billing_method="pay_as_you_go"),
+        ev("instance.billing_converted", billing_method="pay_as_you_go"),
+    ):
+        event = parse_event(json.dumps(data))
+        assert not isinstance(event, EventRejection), event
+        assert event.term_months == data["term_months"]

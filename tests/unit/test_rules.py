@@ -292,3 +292,15 @@ def test_hash_chain_links_entries(led, ev) -> None:
     assert entries[0]["prev_hash"] == "0" * 64
     assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(entries))
     assert led.state("i").head_hash == entries[-1]["hash"]
+
+
+def test_pay_as_you_go_purchase_term_and_end_are_ignored(led, ev) -> None:
+    data = ev.purchase("i", billing="pay_as_you_go")
+    data.update(term_months=12, expires_at=data["occurred_at"].replace("2026", "2027"))
+    assert led.apply(data) == "applied"
+    state = led.state("i")
+    assert state.term_months == 0 and state.expires_at is None
+    assert eligibility(state, POLICY, day(1)).reasons == ("pay_as_you_go",)
+    # Converted later: only the conversion's term counts.
+    led.apply(ev.convert("i", "subscription", at=5, term=3, expires=200))
+    assert led.state("i").term_months == 3
