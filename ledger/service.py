@@ -186,18 +186,22 @@ class Ledger:
     ) -> list[ApplyResult]:
         now = self.clock()
         results: list[ApplyResult | None] = [None] * len(items)
-        dead_letters: list[dict[str, Any]] = []
+        # (input index, row): dead letters are stored in input order, whatever step refused them.
+        dead_letters: list[tuple[int, dict[str, Any]]] = []
 
         def refuse(index: int, code: str, error: str, event_id: str | None, raw: str) -> None:
             results[index] = invalid_result(code, error, event_id)
             dead_letters.append(
-                {
-                    "received_at": now,
-                    "event_id": event_id,
-                    "code": code,
-                    "error": storable_text(error),
-                    "raw": storable_text(raw),
-                }
+                (
+                    index,
+                    {
+                        "received_at": now,
+                        "event_id": event_id,
+                        "code": code,
+                        "error": storable_text(error),
+                        "raw": storable_text(raw),
+                    },
+                )
             )
 
         events: list[tuple[int, Event]] = []
@@ -258,7 +262,8 @@ class Ledger:
             )
 
         if dead_letters:
-            session.execute(insert(DeadLetter), dead_letters)
+            dead_letters.sort(key=lambda pair: pair[0])
+            session.execute(insert(DeadLetter), [row for _, row in dead_letters])
         if entries:
             session.execute(insert(LedgerEntry), entries)
             _write_projections(session, rows, before, states, now)

@@ -228,3 +228,13 @@ def test_concurrent_appliers_never_exceed_the_cap(any_ledger: Harness) -> None:
     assert view["websites"]["reserved"] == 5 and view["entries"] == 41
     assert verify(any_ledger.engine).to_json()["ok"]
     assert rebuild(any_ledger.engine, check=True).to_json()["drift"] == []
+
+
+def test_dead_letters_are_stored_in_input_order(any_ledger: Harness) -> None:
+    purchase = Events().purchase("i1")
+    any_ledger.apply(purchase)
+    reused = json.dumps({**purchase, "region": "cn-beijing"})
+    results = list(any_ledger.ledger.apply_lines([reused, "junk"]))
+    assert [r.reasons for r in results] == [("event_id_reused",), ("invalid_event",)]
+    with Session(any_ledger.engine) as session:
+        assert [d["code"] for d in rejected_events(session)] == ["event_id_reused", "invalid_event"]
