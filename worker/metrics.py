@@ -1,0 +1,66 @@
+"""Prometheus metrics shared by the worker and the HTTP API (prometheus-client).
+
+Each process keeps its own registry; the API serves it at ``/metrics`` and the worker can serve
+it on a port of its own (``QUOTA_LEDGER_METRICS_PORT``). The ledger's pure rules know nothing
+of this: the tasks and the API record what the service returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from prometheus_client import Counter, Gauge, Histogram
+
+
+class _Outcome(Protocol):
+    outcome: str
+    reasons: tuple[str, ...]
+
+
+EVENTS = Counter(
+    "quota_ledger_events_total",
+    "Events applied, by event type and outcome (applied, rejected, stale, duplicate, invalid).",
+    ["type", "outcome"],
+)
+APPLY_SECONDS = Histogram(
+    "quota_ledger_apply_seconds",
+    "Time to apply one message (one event or one batch) in one transaction.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCH_SIZE = Histogram(
+    "quota_ledger_batch_size",
+    "Events per applied message.",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+)
+DEAD_LETTERS = Counter(
+    "quota_ledger_dead_letters_total",
+    "Events refused into the dead-letter store, by code.",
+    ["code"],
+)
+QUEUE_DEPTH = Gauge(
+    "quota_ledger_queue_depth",
+    "Messages waiting in the broker queue, as last measured.",
+    ["queue"],
+)
+SWEEP_RUNS = Counter("quota_ledger_sweep_runs_total", "Expiry sweeps run.")
+SWEEP_EXPIRED = Counter("quota_ledger_sweep_expired_total", "Instances expired by the sweep.")
+
+
+def record_apply(
+    results: Iterable[_Outcome], *, types: Iterable[str | None], seconds: float
+) -> None:
+    """Count one applied message: its events by type and outcome, its latency and size."""
+    size = 0
+    for result, event_type in zip(results, types, strict=True):
+        size += 1
+        EVENTS.labels(type=event_type or "unknown", outcome=result.outcome).inc()
+        if result.outcome == "invalid" and result.reasons:
+            DEAD_LETTERS.labels(code=result.reasons[0]).inc()
+    APPLY_SECONDS.observe(seconds)
+    BATCH_SIZE.observe(size)
+
+
+def record_sweep(expired: int) -> None:
+    SWEEP_RUNS.inc()
+    SWEEP_EXPIRED.inc(expired)
