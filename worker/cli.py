@@ -735,3 +735,8 @@ def demo(
         render.message(f"  {example}")
     if not data["verify"]["ok"]:
         raise typer.Exit(1)
+
+
+from worker.api.cli import serve_command  # noqa: E402  (the HTTP API; imports FastAPI lazily)
+
+app.command("serve", help="Serve the HTTP API and the ops page (/ui/).")(serve_command)

@@ -1,0 +1,160 @@
+"""Shared by the API and browser tests: tokens, a ledger scenario, a private Redis database and
+a live uvicorn server."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from sqlalchemy.engine import Engine
+
+from events import validate_event
+from ledger.policy import load_policy
+from ledger.service import Ledger
+from tests.support import Events, Numbers, ts
+
+READ_TOKEN = "read-token-0123456789abcdef"
+INGEST_TOKEN = "ingest-token-0123456789abcdef"
+BOTH_TOKEN = "both-token-0123456789abcdef"
+WRONG_TOKEN = "wrong-token-0123456789abcdef"
+API_TOKENS = f"read:{READ_TOKEN},ingest:{INGEST_TOKEN},read:{BOTH_TOKEN},ingest:{BOTH_TOKEN}"
+
+QUEUE = "quota_ledger.events"
+# Every show/instances call in the tests is pinned to this instant, so answers never depend on
+# the wall clock: day 340 of the scenario (an ECS bought for a year on day 0 has 25 days left).
+AT = ts(340)
+REDIS_MARKER = "quota-ledger-test:claimed-by"
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+READ = auth(READ_TOKEN)
+INGEST = auth(INGEST_TOKEN)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    web: str = "i-web-1"  # ineligible at AT: no bandwidth, remaining term too short
+    nat: str = "i-nat-1"  # a one-month NAT gateway
+    hk: str = "i-hk-1"  # not_required: Hong Kong
+    shop: str = "i-shop-1"  # not_needed: chengxintong shop
+    used_number: str = "SN-API-1"
+    reserved_numbers: tuple[str, ...] = ("SN-API-2", "SN-API-3")
+    filing: str = "F-1"
+
+
+SCENARIO = Scenario()
+
+
+def scenario_events() -> list[dict[str, Any]]:
+    ev = Events("api")
+    s = SCENARIO
+    return [
+        ev.purchase(s.web, "ecs", at=0, term=12, expires=365, bandwidth=5, account="acct-web"),
+        ev.request(s.web, at=10, account="acct-web"),
+        ev.request(s.web, at=10.5, account="acct-web"),
+        ev.request(s.web, at=11, account="acct-web"),
+        ev.file(
+            s.web,
+            s.used_number,
+            at=12,
+            filing=s.filing,
+            subject="subject-1",
+            website="shop.example.com",
+            account="acct-web",
+        ),
+        ev.bandwidth(s.web, 0, at=20),
+        ev.request(s.web, at=25, account="acct-web"),  # rejected: no_public_bandwidth
+        ev.purchase(s.nat, "nat_gateway", at=300, term=1, expires=330),
+        ev.purchase(s.hk, "ecs", at=0, region="cn-hongkong"),
+        ev.purchase(s.shop, "chengxintong_shop", at=0),
+    ]
+
+
+def seed(engine: Engine) -> Ledger:
+    """Apply the scenario through the ledger service (numbers SN-API-1, SN-API-2, …)."""
+    ledger = Ledger(engine, load_policy(), new_number=Numbers("SN-API"))
+    results = ledger.apply([validate_event(event) for event in scenario_events()])
+    assert [r.outcome for r in results].count("applied") == 9, results
+    return ledger
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def private_redis_db(host: str = "127.0.0.1", port: int = 6379) -> Iterator[str]:
+    """A Redis URL on an empty database index (15 down to 1) claimed with a SETNX marker,
+    flushed afterwards."""
+    claim = uuid.uuid4().hex
+    for index in range(15, 0, -1):
+        client = redis.Redis(host=host, port=port, db=index, socket_timeout=5)
+        try:
+            if client.dbsize() == 0 and client.set(REDIS_MARKER, claim, nx=True):
+                if client.dbsize() == 1:
+                    break
+                client.delete(REDIS_MARKER)
+        except Exception:
+            client.close()
+            raise
+        client.close()
+    else:
+        raise RuntimeError("no free Redis database index (1-15) for the test")
+    try:
+        yield f"redis://{host}:{port}/{index}"
+    finally:
+        if client.get(REDIS_MARKER) == claim.encode():
+            client.flushdb()
+        client.close()
+
+
+def queue_length(redis_url: str, queue: str = QUEUE) -> int:
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        return int(client.llen(queue))
+    finally:
+        client.close()
+
+
+def closed_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- a live server ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def live_server(app: Any, timeout: float = 20.0) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread on a free 127.0.0.1 port; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)

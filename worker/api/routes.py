@@ -1,0 +1,440 @@
+"""The JSON endpoints: ``/v1/…`` (behind tokens), ``/healthz``, ``/readyz``, ``/metrics``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY
+from prometheus_client.exposition import choose_encoder
+from sqlalchemy import text
+from sqlmodel import Session
+
+from events import PRODUCT_TYPES, Event, EventRejection, iso_utc
+from ledger.queries import (
+    instance_history,
+    iter_instances,
+    rejected_events,
+    service_number_info,
+    show_instance,
+)
+from ledger.service import Ledger
+from worker import metrics
+from worker.api import broker, schemas
+from worker.api.deps import (
+    INSTANCE_ID_RE,
+    SERVICE_NUMBER_RE,
+    ApiState,
+    api_state,
+    db_session,
+    now_utc,
+    parse_time_param,
+    require_scope,
+)
+from worker.api.errors import ApiError, ApiJSONResponse, clip, error_body, quoted
+from worker.api.ingest import BodyError, UnsupportedMediaType, body_format, parse_body
+from worker.api.metrics import INGESTED
+from worker.api.pagination import decode_cursor, encode_cursor
+
+log = logging.getLogger(__name__)
+
+ELIGIBILITY_STATUSES = ("eligible", "ineligible", "unknown", "not_needed", "not_required")
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+ENQUEUE_BATCH = 500
+# Longer than events.publish's own retry policy (about 20 s), so that it decides: a request never
+# gives up while its publish may still go through.
+ENQUEUE_TIMEOUT_S = 30.0
+CHECK_TIMEOUT_S = 5.0
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": schemas.Error, "description": "Missing or invalid bearer token"},
+    403: {"model": schemas.Error, "description": "The token lacks the scope"},
+    422: {"model": schemas.Error, "description": "Invalid parameter"},
+    503: {"model": schemas.Error, "description": "Database unreachable"},
+}
+
+
+def _responses(model: type, *extra: int, **more: Any) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {200: {"model": model}}
+    out.update(_ERRORS)
+    for status in extra:
+        out[status] = {"model": schemas.Error}
+    out.update(more)
+    return out
+
+
+read = [Depends(require_scope("read"))]
+api = APIRouter(prefix="/v1")
+ops = APIRouter()
+
+AtQuery = Query(
+    None,
+    description="Evaluate eligibility at this instant (ISO 8601 with a timezone); default now.",
+    examples=["2026-09-01T00:00:00Z"],
+)
+LimitQuery = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="Page size (1–1000).")
+CursorQuery = Query(None, description="next_cursor of the previous page.")
+
+
+def decode_cursor_error() -> ApiError:
+    return ApiError(422, "invalid_cursor", "cursor: not a cursor of this list")
+
+
+def _not_found(message: str) -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+# --- queries -------------------------------------------------------------------------------------
+
+
+@api.get(
+    "/instances/{instance_id}",
+    dependencies=read,
+    response_model=None,
+    responses=_responses(schemas.InstanceView, 404),
+    summary="One instance (like `quota-ledger show ID --at T --json`)",
+)
+def get_instance(
+    instance_id: str,
+    at: str | None = AtQuery,
+    state: ApiState = Depends(api_state),
+    session: Session = Depends(db_session),
+) -> Response:
+    when = parse_time_param(at, "at") or now_utc()
+    view = None
+    if INSTANCE_ID_RE.fullmatch(instance_id):
+        view = show_instance(session, instance_id=instance_id, at=when, policy=state.policy)
+    if view is None:
+        raise _not_found(f"the ledger has no entry for instance {quoted(instance_id)}")
+    return ApiJSONResponse(view)
+
+
+@api.get(
+    "/instances/{instance_id}/entries",
+    dependencies=read,
+    response_model=None,
+    responses=_responses(list[schemas.Entry]),
+    summary="The instance's ledger entries, oldest first (like `history ID --json`)",
+)
+def get_entries(instance_id: str, session: Session = Depends(db_session)) -> Response:
+    entries: list[dict[str, Any]] = []
+    if INSTANCE_ID_RE.fullmatch(instance_id):
+        entries = instance_history(session, instance_id=instance_id)
+    return ApiJSONResponse(entries)
+
+
+@api.get(
+    "/instances",
+    dependencies=read,
+    response_model=None,
+    responses=_responses(schemas.InstancePage),
+    summary="Instances, filtered and paginated (rows of `instances --json`)",
+)
+def list_instances(
+    eligibility: str | None = Query(
+        None, description="Only this eligibility at `at`: " + ", ".join(ELIGIBILITY_STATUSES)
+    ),
+    product: str | None = Query(None, description="Only this product type."),
+    expiring_before: str | None = Query(
+        None, description="Only instances whose subscription ends before this instant."
+    ),
+    at: str | None = AtQuery,
+    limit: int = LimitQuery,
+    cursor: str | None = CursorQuery,
+    state: ApiState = Depends(api_state),
+    session: Session = Depends(db_session),
+) -> Response:
+    if eligibility is not None and eligibility not in ELIGIBILITY_STATUSES:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"eligibility: {quoted(eligibility)} is not one of {', '.join(ELIGIBILITY_STATUSES)}",
+        )
+    if product is not None and product not in PRODUCT_TYPES:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"product: {quoted(product)} is not one of {', '.join(PRODUCT_TYPES)}",
+        )
+    before = parse_time_param(expiring_before, "expiring_before")
+    after: str | None = None
+    when = parse_time_param(at, "at")
+    if cursor is not None:
+        position = decode_cursor("instances", cursor)
+        after = position["a"]
+        if not isinstance(after, str) or not INSTANCE_ID_RE.fullmatch(after):
+            raise decode_cursor_error()
+        if when is None and isinstance(position.get("t"), str):
+            when = parse_time_param(position["t"], "cursor")
+    when = when or now_utc()
+    rows = list(
+        iter_instances(
+            session,
+            policy=state.policy,
+            at=when,
+            eligibility=eligibility,
+            product=product,
+            expiring_before=before,
+            after=after,
+            limit=limit + 1,
+        )
+    )
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor("instances", rows[-1]["instance_id"], iso_utc(when))
+    return ApiJSONResponse({"items": rows, "next_cursor": next_cursor})
+
+
+@api.get(
+    "/service-numbers/{number}",
+    dependencies=read,
+    response_model=None,
+    responses=_responses(schemas.ServiceNumberInfo, 404),
+    summary="One service number (like `service-number SN --json`)",
+)
+def get_service_number(number: str, session: Session = Depends(db_session)) -> Response:
+    info = None
+    if SERVICE_NUMBER_RE.fullmatch(number):
+        info = service_number_info(session, number=number)
+    if info is None:
+        raise _not_found(f"no service number {quoted(number)} was ever issued")
+    return ApiJSONResponse(info)
+
+
+@api.get(
+    "/rejected",
+    dependencies=read,
+    response_model=None,
+    responses=_responses(schemas.RejectedPage),
+    summary="The dead-letter store, oldest first, paginated (rows of `rejected --json`)",
+)
+def list_rejected(
+    limit: int = LimitQuery,
+    cursor: str | None = CursorQuery,
+    session: Session = Depends(db_session),
+) -> Response:
+    after_id: int | None = None
+    if cursor is not None:
+        after = decode_cursor("rejected", cursor)["a"]
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after < 2**63:
+            raise decode_cursor_error()
+        after_id = after
+    rows = rejected_events(session, after_id=after_id, limit=limit + 1)
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor("rejected", rows[-1]["id"])
+    return ApiJSONResponse({"items": rows, "next_cursor": next_cursor})
+
+
+# --- ingest --------------------------------------------------------------------------------------
+
+_EVENTS_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "Events as a JSON array (application/json) or one per line "
+        "(application/x-ndjson, application/jsonl, text/plain); other or missing types are "
+        "sniffed from the first character. At most 5 MiB; each event at most 64 KiB.",
+        "content": {
+            "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+            "application/x-ndjson": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+async def _blocking(func: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    call = partial(func, *args, **kwargs)
+    if timeout is None:
+        return await anyio.to_thread.run_sync(call)
+    with anyio.fail_after(timeout):
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text_ = str(exc).strip()
+    return clip(text_.splitlines()[0] if text_ else type(exc).__name__, 200)
+
+
+def _broker_unavailable(problem: str) -> Response:
+    return ApiJSONResponse(
+        error_body(
+            "broker_unavailable",
+            f"could not enqueue the events ({problem}); no event of this request was "
+            "dead-lettered: retry the whole request (re-sent events are duplicates, which the "
+            "ledger answers idempotently)",
+        ),
+        503,
+        headers={"Retry-After": "5"},
+    )
+
+
+@api.post(
+    "/events",
+    status_code=202,
+    dependencies=[Depends(require_scope("ingest"))],
+    response_model=None,
+    responses={
+        202: {"model": schemas.IngestResult, "description": "Validated; valid events enqueued"},
+        400: {"model": schemas.Error, "description": "The body is not a JSON array nor JSONL"},
+        401: _ERRORS[401],
+        403: _ERRORS[403],
+        413: {"model": schemas.Error, "description": "Body over 5 MiB"},
+        415: {"model": schemas.Error, "description": "Unsupported Content-Type"},
+        503: {"model": schemas.Error, "description": "Broker or database unreachable"},
+    },
+    openapi_extra=_EVENTS_BODY,
+    summary="Validate events, enqueue the valid ones, dead-letter the invalid ones",
+)
+async def post_events(request: Request, state: ApiState = Depends(api_state)) -> Response:
+    body = await request.body()  # the body-limit middleware stops it at 5 MiB
+    if not body.strip():
+        raise ApiError(400, "empty_body", "the body is empty: send events as JSON or JSONL")
+    try:
+        fmt = body_format(request.headers.get("content-type"), body)
+    except UnsupportedMediaType as exc:
+        raise ApiError(415, "unsupported_media_type", str(exc)) from None
+    try:
+        items = await _blocking(parse_body, body, fmt)
+    except BodyError as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
+
+    events: list[Event] = [
+        item.parsed for item in items if not isinstance(item.parsed, EventRejection)
+    ]
+    rejected = [item for item in items if isinstance(item.parsed, EventRejection)]
+
+    # Enqueue first: if the broker is down nothing is recorded and the client retries the
+    # whole body; a retry after a partial success only enqueues duplicates, which the ledger
+    # answers idempotently, whereas dead letters have no idempotency key.
+    if events:
+        # A quick PING first: an unreachable broker is a 503 in about 2 s, instead of after the
+        # publisher's whole retry policy.
+        problem = await _run_check(broker.check_broker, state.settings.broker_url)
+        if problem != "ok":
+            return _broker_unavailable(problem.removeprefix("error: "))
+        try:
+            from events.publish import enqueue_batches
+
+            await _blocking(
+                enqueue_batches,
+                events,
+                batch_size=ENQUEUE_BATCH,
+                broker_url=state.settings.broker_url,
+                timeout=ENQUEUE_TIMEOUT_S,
+            )
+        except Exception as exc:
+            log.warning("enqueue failed: %s", _first_line(exc), exc_info=exc)
+            return _broker_unavailable(_first_line(exc) if str(exc) else "timed out")
+        for event in events:
+            INGESTED.labels(type=event.type).inc()
+
+    if rejected:
+        ledger = Ledger(state.engine, state.policy)
+        await _blocking(state.ensure_schema)
+        results = await _blocking(ledger.apply, [item.parsed for item in rejected])
+        for result in results:
+            metrics.EVENTS.labels(type="unknown", outcome=result.outcome).inc()
+            if result.outcome == "invalid" and result.reasons:
+                metrics.DEAD_LETTERS.labels(code=result.reasons[0]).inc()
+
+    invalid = [
+        {
+            "index": item.index,
+            "code": item.parsed.code,
+            "error": item.parsed.error,
+            "event_id": item.parsed.event_id,
+        }
+        for item in rejected
+        if isinstance(item.parsed, EventRejection)
+    ]
+    return ApiJSONResponse({"accepted": len(events), "invalid": invalid}, 202)
+
+
+# --- operations ----------------------------------------------------------------------------------
+
+
+@ops.get("/healthz", response_model=None, responses={200: {"model": schemas.Health}})
+async def healthz() -> Response:
+    """The process is alive (no dependency is checked)."""
+    return ApiJSONResponse({"status": "ok"})
+
+
+def _check_database(state: ApiState) -> None:
+    with state.engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    state.ensure_schema()
+
+
+async def _run_check(func: Any, *args: Any) -> str:
+    try:
+        await _blocking(func, *args, timeout=CHECK_TIMEOUT_S)
+    except TimeoutError:
+        return f"error: no answer within {CHECK_TIMEOUT_S:g} s"
+    except Exception as exc:
+        return f"error: {_first_line(exc)}"
+    return "ok"
+
+
+@ops.get(
+    "/readyz",
+    response_model=None,
+    responses={
+        200: {"model": schemas.Readiness},
+        503: {"model": schemas.Readiness, "description": "A dependency is unreachable"},
+    },
+)
+async def readyz(state: ApiState = Depends(api_state)) -> Response:
+    """The database (schema at head) and the broker both answer; 503 naming the one that
+    does not."""
+    checks: dict[str, str] = {}
+
+    async def run(name: str, func: Any, *args: Any) -> None:
+        checks[name] = await _run_check(func, *args)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, "database", _check_database, state)
+        group.start_soon(run, "broker", broker.check_broker, state.settings.broker_url)
+    checks = {name: checks[name] for name in ("database", "broker")}
+    failed = [name for name, result in checks.items() if result != "ok"]
+    if not failed:
+        return ApiJSONResponse({"status": "ready", "checks": checks})
+    return ApiJSONResponse(
+        {
+            "status": "unavailable",
+            "checks": checks,
+            "error": "not_ready",
+            "message": f"unreachable: {', '.join(failed)}",
+        },
+        503,
+    )
+
+
+@ops.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
+async def prometheus_metrics(request: Request, state: ApiState = Depends(api_state)) -> Response:
+    """Prometheus metrics of this process; the events queue depth is measured on each scrape."""
+    started = time.monotonic()
+    try:
+        depth = await _blocking(
+            broker.queue_depth, state.settings.broker_url, state.queue, timeout=CHECK_TIMEOUT_S
+        )
+    except Exception as exc:  # an unreachable broker must not break the scrape
+        log.info("queue depth unavailable: %s", _first_line(exc))
+    else:
+        if depth is not None:
+            metrics.QUEUE_DEPTH.labels(queue=state.queue).set(depth)
+    log.debug("queue depth measured in %.3f s", time.monotonic() - started)
+    # Content negotiation: OpenMetrics when the scraper asks for it, else the text format.
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(REGISTRY), headers={"Content-Type": content_type})

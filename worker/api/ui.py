@@ -1,0 +1,398 @@
+"""The ops web page at ``/ui/``: server-rendered (Jinja2), readable without JavaScript.
+
+It shows exactly what the API returns — the dicts of ``ledger.views`` — laid out for people:
+the eligibility badge with every reason in Chinese and English and its remediation, the slots as
+bars, the service numbers, the filings and the ledger timeline.
+
+Access needs a token with the ``read`` scope, entered once at ``/ui/login`` and kept in an
+``HttpOnly``, ``SameSite=Strict`` cookie scoped to ``/ui`` (``Secure`` when served over HTTPS).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode
+
+import jinja2
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlmodel import Session
+
+from ledger.queries import instance_history, load_state, service_number_info, show_instance
+from ledger.reasons import REASONS, explain
+from worker.api.auth import bearer_token
+from worker.api.deps import (
+    INSTANCE_ID_RE,
+    SERVICE_NUMBER_RE,
+    ApiState,
+    api_state,
+    db_session,
+    now_utc,
+    parse_time_param,
+)
+from worker.api.errors import ApiError, quoted
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+TEMPLATES_DIR = PACKAGE_DIR / "templates"
+STATIC_DIR = PACKAGE_DIR / "static"
+
+COOKIE_NAME = "quota_ledger_token"
+COOKIE_PATH = "/ui"
+COOKIE_MAX_AGE_S = 12 * 3600
+MAX_LOGIN_BODY = 8 * 1024
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+ELIGIBILITY_LABELS = {
+    "eligible": ("Eligible", "符合备案条件"),
+    "ineligible": ("Ineligible", "不符合备案条件"),
+    "unknown": ("Unknown", "未知实例"),
+    "not_needed": ("Not needed", "无需备案服务号"),
+    "not_required": ("Not required", "无需备案"),
+}
+STATUS_LABELS = {
+    "active": ("Active", "运行中"),
+    "expired": ("Expired", "已到期"),
+    "released": ("Released", "已释放"),
+    "unknown": ("Unknown", "未知"),
+}
+BILLING_LABELS = {
+    "subscription": "Subscription · 包年包月",
+    "pay_as_you_go": "Pay-as-you-go · 按量付费",
+}
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+templates = Jinja2Templates(env=_env)
+
+
+def static_files() -> StaticFiles:
+    return StaticFiles(directory=STATIC_DIR)
+
+
+# --- template helpers ----------------------------------------------------------------------------
+
+
+def _fmt_time(value: str | None) -> str:
+    if not value:
+        return "—"
+    return value.replace("T", " ").removesuffix("Z") + " UTC"
+
+
+def _short(value: str | None, length: int = 12) -> str:
+    return (value or "")[:length]
+
+
+_env.filters["time"] = _fmt_time
+_env.filters["short"] = _short
+
+
+def _bar(segments: list[tuple[str, int]], cap: int) -> list[dict[str, Any]]:
+    """SVG rectangles (x and width in percent) for a stacked slot bar; no inline styles, so the
+    page works under a strict Content-Security-Policy."""
+    total = max(cap, sum(value for _, value in segments), 1)
+    x = 0.0
+    out = []
+    for name, value in segments:
+        width = 100.0 * value / total
+        if value > 0:
+            out.append({"cls": name, "x": round(x, 3), "width": round(width, 3), "value": value})
+        x += width
+    return out
+
+
+# --- auth ----------------------------------------------------------------------------------------
+
+
+class LoginRequired(Exception):
+    def __init__(self, next_path: str) -> None:
+        super().__init__("login required")
+        self.next_path = next_path
+
+
+def ui_path(request: Request, path: str = "/") -> str:
+    return f"{request.scope.get('root_path', '')}{COOKIE_PATH}{path}"
+
+
+def is_ui_request(request: Request) -> bool:
+    path = request.url.path
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return (path == COOKIE_PATH or path.startswith(COOKIE_PATH + "/")) and not path.startswith(
+        COOKIE_PATH + "/static/"
+    )
+
+
+def _presented_token(request: Request) -> str | None:
+    return bearer_token(request.headers.get("authorization")) or request.cookies.get(COOKIE_NAME)
+
+
+def require_read(request: Request) -> None:
+    state = api_state(request)
+    scopes = state.auth.scopes(_presented_token(request))
+    if scopes is None:
+        target = request.url.path
+        if request.url.query:
+            target += "?" + request.url.query
+        raise LoginRequired(target)
+    if "read" not in scopes:
+        raise ApiError(403, "forbidden", "this token lacks the 'read' scope")
+
+
+def _safe_next(request: Request, value: str | None) -> str:
+    """Only a path of this page may be a post-login target (no open redirect)."""
+    home = ui_path(request, "/")
+    if not value or not value.startswith(ui_path(request, "/")):
+        return home
+    if "\\" in value or "//" in value or any(ord(c) < 0x21 for c in value):
+        return home
+    return value
+
+
+async def login_required_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LoginRequired)
+    target = ui_path(request, "/login") + "?" + urlencode({"next": exc.next_path})
+    return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _page(
+    request: Request,
+    name: str,
+    context: dict[str, Any],
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    base = {
+        "ui": ui_path(request, ""),
+        "authenticated": context.pop("authenticated", True),
+        "static": lambda path: ui_path(request, "/static/" + path),
+    }
+    response = templates.TemplateResponse(
+        request, name, {**base, **context}, status_code=status_code
+    )
+    response.headers.update(SECURITY_HEADERS)
+    if headers:
+        response.headers.update(
+            {k: v for k, v in headers.items() if k.lower() != "www-authenticate"}
+        )
+    return response
+
+
+def error_page(
+    request: Request, status_code: int, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    titles = {
+        400: "Bad request",
+        403: "Forbidden",
+        404: "Not found",
+        405: "Method not allowed",
+        413: "Request too large",
+        422: "Invalid request",
+        503: "Service unavailable",
+    }
+    authenticated = (
+        status_code != 403 and api_state(request).auth.scopes(_presented_token(request)) is not None
+    )
+    return _page(
+        request,
+        "error.html",
+        {
+            "status_code": status_code,
+            "title": titles.get(status_code, "Error"),
+            "message": message,
+            "authenticated": authenticated,
+        },
+        status_code,
+        headers,
+    )
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+
+@router.get("/login")
+def login_form(request: Request, next: str | None = Query(None)) -> Response:
+    return _page(
+        request,
+        "login.html",
+        {"next": _safe_next(request, next), "error": None, "authenticated": False},
+    )
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    body = await request.body()
+    try:
+        fields = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", "replace"), max_num_fields=10)
+    except ValueError:  # more fields than any login form sends
+        fields = {}
+    token = (fields.get("token") or [""])[0].strip()
+    next_path = _safe_next(request, (fields.get("next") or [None])[0])
+    scopes = api_state(request).auth.scopes(token)
+    if scopes is None or "read" not in scopes:
+        error = (
+            "This token does not have the read scope."
+            if scopes is not None
+            else "Unknown token. Use a token with the read scope from QUOTA_LEDGER_API_TOKENS."
+        )
+        return _page(
+            request,
+            "login.html",
+            {"next": next_path, "error": error, "authenticated": False},
+            status_code=403 if scopes is not None else 401,
+        )
+    response = RedirectResponse(next_path, status_code=303)
+    response.set_cookie(
+        COOKIE_NAME,
+        token,
+        max_age=COOKIE_MAX_AGE_S,
+        path=ui_path(request, ""),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request) -> Response:
+    response = RedirectResponse(ui_path(request, "/login"), status_code=303)
+    response.delete_cookie(COOKIE_NAME, path=ui_path(request, ""), httponly=True, samesite="strict")
+    return response
+
+
+@router.get("/", dependencies=[Depends(require_read)])
+def index(request: Request) -> Response:
+    return _page(request, "index.html", {"message": None})
+
+
+@router.get("/lookup", dependencies=[Depends(require_read)])
+def lookup(
+    request: Request,
+    q: str = Query("", max_length=300),
+    kind: str = Query("auto"),
+    session: Session = Depends(db_session),
+) -> Response:
+    value = q.strip()
+    if not value:
+        return RedirectResponse(ui_path(request, "/"), status_code=303)
+    # An explicit kind goes to its page (which says "not found" itself); "auto" (the search
+    # box) tries an instance first, then a service number.
+    if (
+        kind in ("auto", "instance")
+        and INSTANCE_ID_RE.fullmatch(value)
+        and (kind == "instance" or load_state(session, instance_id=value) is not None)
+    ):
+        return RedirectResponse(
+            ui_path(request, f"/instances/{quote(value, safe='')}"), status_code=303
+        )
+    if (
+        kind in ("auto", "service_number")
+        and SERVICE_NUMBER_RE.fullmatch(value)
+        and (kind == "service_number" or service_number_info(session, number=value) is not None)
+    ):
+        return RedirectResponse(
+            ui_path(request, f"/service-numbers/{quote(value, safe='')}"), status_code=303
+        )
+    return _page(
+        request,
+        "index.html",
+        {"message": f"Nothing in the ledger matches {quoted(value)}."},
+        status_code=404,
+    )
+
+
+@router.get("/instances/{instance_id}", dependencies=[Depends(require_read)])
+def instance_page(
+    request: Request,
+    instance_id: str,
+    at: str | None = Query(None),
+    state: ApiState = Depends(api_state),
+    session: Session = Depends(db_session),
+) -> Response:
+    when = parse_time_param(at, "at")
+    view = None
+    if INSTANCE_ID_RE.fullmatch(instance_id):
+        view = show_instance(
+            session, instance_id=instance_id, at=when or now_utc(), policy=state.policy
+        )
+    if view is None:
+        raise ApiError(
+            404, "not_found", f"The ledger has no entry for instance {quoted(instance_id)}."
+        )
+    entries = instance_history(session, instance_id=instance_id)
+    product = state.policy.products.get(view["product_type"] or "")
+    reason_texts = {
+        code: explain(code, product)
+        for entry in entries
+        for code in entry["reasons"]
+        if _known_reason(code)
+    }
+    websites, subjects = view["websites"], view["subjects"]
+    return _page(
+        request,
+        "instance.html",
+        {
+            "view": view,
+            "entries": list(reversed(entries)),
+            "at": at if when is not None else None,
+            "product": product,
+            "eligibility_label": ELIGIBILITY_LABELS.get(
+                view["eligibility"]["status"], (view["eligibility"]["status"], "")
+            ),
+            "status_label": STATUS_LABELS.get(view["status"], (view["status"], "")),
+            "billing_label": BILLING_LABELS.get(view["billing_method"] or "", "—"),
+            "reason_texts": reason_texts,
+            "website_bar": _bar(
+                [
+                    ("used", websites["used"]),
+                    ("reserved", websites["reserved"]),
+                    ("remaining", websites["remaining"]),
+                ],
+                websites["cap"],
+            ),
+            "subject_bar": _bar(
+                [("used", subjects["used"]), ("remaining", subjects["remaining"])],
+                subjects["cap"],
+            ),
+        },
+    )
+
+
+def _known_reason(code: str) -> bool:
+    return code in REASONS
+
+
+@router.get("/service-numbers/{number}", dependencies=[Depends(require_read)])
+def service_number_page(
+    request: Request, number: str, session: Session = Depends(db_session)
+) -> Response:
+    info = None
+    if SERVICE_NUMBER_RE.fullmatch(number):
+        info = service_number_info(session, number=number)
+    if info is None:
+        raise ApiError(404, "not_found", f"No service number {quoted(number)} was ever issued.")
+    return _page(request, "service_number.html", {"info": info})
