@@ -740,3 +740,9 @@ def demo(
 from worker.api.cli import serve_command  # noqa: E402  (the HTTP API; imports FastAPI lazily)
 
 app.command("serve", help="Serve the HTTP API and the ops page (/ui/).")(serve_command)
+
+from worker.pipeline_cli import beat_command, publish_command, worker_command  # noqa: E402
+
+app.command("publish", help="Validate JSONL events and enqueue them for workers.")(publish_command)
+app.command("worker", help="Run a Celery worker that applies queued events.")(worker_command)
+app.command("beat", help="Run Celery beat: the expiry sweep every few minutes.")(beat_command)

@@ -9,9 +9,14 @@
   (1-based, in the order they were issued). The demo fills the placeholders in from the
   answers the ledger gave for the first file, then applies the second file.
 
-Then the expiry sweep runs at the scenario's fixed clock (:data:`SCENARIO_CLOCK`) and the
-instances are listed as of that clock, so everything but the random numbers is the same on
-every run.
+Both files travel the real pipeline: they are published with ``events.publish.publish_many``
+to an embedded Redis (``fakeredis`` over TCP) and applied by a real Celery worker (a thread,
+solo pool, the production tasks) — no Redis or PostgreSQL server is needed. Each answer is read
+back from the ledger once every event has arrived (``worker.embedded``).
+
+Then the expiry sweep runs at the scenario's fixed clock (:data:`SCENARIO_CLOCK`, in-process:
+beat's sweep uses the wall clock) and the instances are listed as of that clock, so everything
+but the random numbers is the same on every run.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ledger.policy import Policy
 from ledger.queries import list_instances
 from ledger.service import ApplyResult, Ledger
 from ledger.tables import DeadLetter, LedgerEntry
+from worker.embedded import embedded_pipeline
 
 EVENTS_FILE = "demo.jsonl"
 FILINGS_FILE = "demo-filings.jsonl"
@@ -177,20 +183,23 @@ def run_demo(
         ledger = Ledger(engine, policy)
         report = DemoReport(directory, database_url, policy.version)
 
-        # Step 1: the plain event file.
-        report.events = _steps(EVENTS_FILE, events_lines, ledger.apply_lines(events_lines))
-        issued: dict[str, list[str]] = defaultdict(list)
-        for step in report.events:
-            if (
-                step["type"] == "service_number.requested"
-                and step["outcome"] == "applied"
-                and step["service_number"]
-            ):
-                issued[step["instance_id"]].append(step["service_number"])
+        # Steps 1 and 2 go through the real queue: an embedded Redis (fakeredis) and a Celery
+        # worker thread running the production tasks; the answers are read back from the ledger.
+        with embedded_pipeline(engine, policy) as pipeline:
+            # Step 1: the plain event file.
+            report.events = _steps(EVENTS_FILE, events_lines, pipeline.apply_lines(events_lines))
+            issued: dict[str, list[str]] = defaultdict(list)
+            for step in report.events:
+                if (
+                    step["type"] == "service_number.requested"
+                    and step["outcome"] == "applied"
+                    and step["service_number"]
+                ):
+                    issued[step["instance_id"]].append(step["service_number"])
 
-        # Step 2: the filing template, placeholders filled from step 1's answers.
-        filing_lines = [fill_placeholders(line, issued) for line in filing_template]
-        report.filings = _steps(FILINGS_FILE, filing_lines, ledger.apply_lines(filing_lines))
+            # Step 2: the filing template, placeholders filled from step 1's answers.
+            filing_lines = [fill_placeholders(line, issued) for line in filing_template]
+            report.filings = _steps(FILINGS_FILE, filing_lines, pipeline.apply_lines(filing_lines))
 
         # Step 3: the expiry sweep at the scenario's clock, then the state as of that clock.
         report.sweep_expired = ledger.sweep(now=SCENARIO_CLOCK)

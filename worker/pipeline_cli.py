@@ -1,0 +1,358 @@
+"""The CLI commands of the distributed pipeline: ``publish``, ``worker`` and ``beat``.
+
+Plain functions with Typer annotations, registered in ``worker/cli.py`` (at its end) with
+``app.command(...)(publish_command)``. They use ``worker.cli``'s helpers (error guard, runtime,
+progress bar) imported at call time, so importing this module never imports ``worker.cli``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
+
+import typer
+
+from events.publish import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, QUEUE_EVENTS, QUEUE_SWEEP
+
+__all__ = ["beat_command", "publish_command", "worker_command"]
+
+#: Invalid lines listed by ``publish`` without ``--json``.
+PUBLISH_LISTED = 100
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        metavar="URL",
+        help="Database URL for dead letters (invalid lines); overrides QUOTA_LEDGER_DATABASE_URL.",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print only JSON: one object per input line.")
+]
+LogLevelOption = Annotated[
+    str,
+    typer.Option(
+        "--loglevel",
+        "-l",
+        metavar="L",
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL.",
+    ),
+]
+
+
+# --- publish -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Line:
+    number: int
+    item: Any  # an Event or an EventRejection
+    raw: str | None
+
+
+def _lines(stream: BinaryIO, advance: Callable[[int], None]) -> Iterator[_Line]:
+    """Non-blank lines, parsed; a line that is not UTF-8 is an invalid event, not a crash."""
+    from events import parse_event
+
+    for number, data in enumerate(stream, 1):
+        advance(len(data))
+        try:
+            text: str | None = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None:
+            yield _Line(number, parse_event(data), None)
+        elif text.strip():
+            yield _Line(number, parse_event(text), text.rstrip("\r\n"))
+
+
+def _chunks(lines: Iterator[_Line], size: int) -> Iterator[list[_Line]]:
+    chunk: list[_Line] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@contextmanager
+def _input(file: str) -> Iterator[tuple[BinaryIO, int | None, str]]:
+    from worker.cli import UserError
+
+    if file == "-":
+        yield sys.stdin.buffer, None, "stdin"
+        return
+    path = Path(file)
+    try:
+        stream = path.open("rb")
+    except OSError as exc:
+        raise UserError(f"cannot read {file}: {exc.strerror or exc}") from None
+    with stream:
+        try:
+            size: int | None = path.stat().st_size
+        except OSError:
+            size = None
+        yield stream, size, file
+
+
+def publish_command(
+    ctx: typer.Context,
+    file: Annotated[
+        str, typer.Argument(metavar="FILE|-", help="A JSONL file of events, or - for stdin.")
+    ],
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            max=MAX_BATCH_SIZE,
+            metavar="N",
+            help="Input lines per queue message (one worker transaction each).",
+        ),
+    ] = DEFAULT_BATCH_SIZE,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate JSONL events and enqueue them for the workers; invalid lines are dead-lettered
+    in the database and reported with their line numbers (exit 1)."""
+    from worker.cli import guarded
+
+    guarded(_publish)(ctx, file, batch_size, db, as_json)
+
+
+def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_json: bool) -> None:
+    import kombu.exceptions
+
+    from events import BaseEvent
+    from events.publish import enqueue_batches
+    from ledger.service import ApplyResult, Ledger
+    from ledger.settings import get_settings
+    from worker import render
+    from worker.cli import UserError, progress_bar, runtime
+
+    run = runtime(ctx, db, as_json)
+    broker_url = get_settings().broker_url
+    queued = invalid = messages = 0
+    listed: list[tuple[int, dict[str, Any]]] = []
+    with ExitStack() as stack:
+        stream, size, label = stack.enter_context(_input(file))
+        ledger: Ledger | None = None
+
+        def dead_letter(lines: list[_Line]) -> list[ApplyResult]:
+            # The database is opened only when a line is invalid: a clean file needs none.
+            nonlocal ledger
+            if ledger is None:
+                engine = stack.enter_context(run.engine())
+                ledger = Ledger(engine, run.policy)
+            return ledger.apply([line.item for line in lines], raws=[line.raw for line in lines])
+
+        show_progress = not run.json and render.is_terminal()
+        bar = stack.enter_context(
+            progress_bar(show_progress, size, f"publishing {label}", in_bytes=True)
+        )
+        for chunk in _chunks(_lines(stream, bar), batch_size):
+            good = [line for line in chunk if isinstance(line.item, BaseEvent)]
+            bad = [line for line in chunk if not isinstance(line.item, BaseEvent)]
+            if good:
+                try:
+                    enqueue_batches(
+                        [line.item for line in good], batch_size=batch_size, broker_url=broker_url
+                    )
+                except kombu.exceptions.OperationalError as exc:
+                    raise UserError(f"broker error ({_mask(broker_url)}): {exc}") from None
+                messages += 1
+                queued += len(good)
+            answers: dict[int, dict[str, Any]] = {
+                line.number: ApplyResult(line.item.event_id, "queued").to_json() for line in good
+            }
+            for line, result in zip(bad, dead_letter(bad) if bad else [], strict=True):
+                answers[line.number] = result.to_json()
+                invalid += 1
+                if len(listed) < PUBLISH_LISTED:
+                    listed.append((line.number, answers[line.number]))
+            if run.json:
+                for line in chunk:
+                    sys.stdout.write(json.dumps(answers[line.number], ensure_ascii=False) + "\n")
+                sys.stdout.flush()
+    if not run.json:
+        _publish_summary(label, queued, messages, invalid, listed, run.safe_url)
+    if invalid:
+        raise typer.Exit(1)
+
+
+def _mask(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
+
+
+def _publish_summary(
+    label: str,
+    queued: int,
+    messages: int,
+    invalid: int,
+    listed: list[tuple[int, dict[str, Any]]],
+    database: str,
+) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from worker import render
+
+    out = render.console()
+    if listed:
+        table = Table(title="Invalid lines (dead-lettered, not queued)")
+        for column in ("line", "event", "code", "error"):
+            table.add_column(column)
+        for number, result in listed:
+            table.add_row(
+                str(number),
+                result["event_id"] or "",
+                ", ".join(result["reasons"]),
+                result.get("error") or "",
+            )
+        out.print(table)
+        if invalid > len(listed):
+            out.print(Text(f"… and {invalid - len(listed)} more invalid lines.", style="dim"))
+    out.print(
+        Text(
+            f"Published {label}: {queued} event(s) queued in {messages} message(s) "
+            f"on {QUEUE_EVENTS}; {invalid} invalid line(s)"
+            + (f" dead-lettered in {database}." if invalid else "."),
+            style="bold",
+        )
+    )
+
+
+# --- worker and beat -----------------------------------------------------------------------------
+
+
+def _settings(ctx: typer.Context) -> Any:
+    """The environment's settings with the global ``--db`` / ``--policy`` applied."""
+    from ledger.settings import get_settings
+
+    settings = get_settings()
+    glob = ctx.find_root().obj
+    update: dict[str, Any] = {}
+    if glob is not None and getattr(glob, "db", None):
+        update["database_url"] = glob.db
+    if glob is not None and getattr(glob, "policy", None) is not None:
+        update["policy_file"] = glob.policy
+    return settings.model_copy(update=update) if update else settings
+
+
+def worker_command(
+    ctx: typer.Context,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency",
+            "-c",
+            min=1,
+            metavar="N",
+            help="Worker processes (default: the number of CPUs).",
+            show_default=False,
+        ),
+    ] = None,
+    pool: Annotated[
+        str,
+        typer.Option("--pool", "-P", metavar="P", help="prefork, threads or solo (Celery's pool)."),
+    ] = "prefork",
+    queues: Annotated[
+        str,
+        typer.Option("--queues", "-Q", metavar="Q", help="Comma-separated queues to consume."),
+    ] = f"{QUEUE_EVENTS},{QUEUE_SWEEP}",
+    loglevel: LogLevelOption = "INFO",
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            metavar="URL",
+            help="Database the worker applies to; overrides QUOTA_LEDGER_DATABASE_URL.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Run a Celery worker that applies queued events and runs the sweeps."""
+    from worker.cli import guarded
+
+    guarded(_worker)(ctx, concurrency, pool, queues, loglevel, db)
+
+
+def _worker(
+    ctx: typer.Context,
+    concurrency: int | None,
+    pool: str,
+    queues: str,
+    loglevel: str,
+    db: str | None,
+) -> None:
+    settings = _settings(ctx)
+    if db:
+        settings = settings.model_copy(update={"database_url": db})
+    if settings.metrics_port is not None:
+        _serve_metrics(settings.metrics_port)
+
+    from worker.celery_app import create_app
+
+    celery = create_app(settings)
+    argv = [
+        "worker",
+        f"--loglevel={loglevel}",
+        f"--pool={pool}",
+        f"--queues={queues}",
+        # Unique per process, so that two workers on one host are two nodes.
+        f"--hostname=quota-ledger-{os.getpid()}@%h",
+        # No revokes or worker-to-worker events are used: skip the start-up handshake (mingle,
+        # about a second) and the gossip chatter; remote control (inspect ping) stays on.
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    if concurrency is not None:
+        argv.append(f"--concurrency={concurrency}")
+    celery.worker_main(argv)
+
+
+def _serve_metrics(port: int) -> None:
+    """Serve Prometheus metrics of every pool process on ``port`` (prometheus-client's
+    multiprocess mode: each process writes its samples to a shared directory)."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quota-ledger-metrics-")
+    from celery.signals import worker_process_shutdown
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, registry=registry)
+
+    @worker_process_shutdown.connect(weak=False)
+    def _mark_dead(pid: int | None = None, **_: Any) -> None:
+        multiprocess.mark_process_dead(pid or os.getpid())
+
+
+def beat_command(ctx: typer.Context, loglevel: LogLevelOption = "INFO") -> None:
+    """Run Celery beat: the expiry sweep every QUOTA_LEDGER_SWEEP_INTERVAL seconds (run exactly
+    one beat; a second one is harmless, its overlapping sweeps are skipped)."""
+    from worker.cli import guarded
+
+    guarded(_beat)(ctx, loglevel)
+
+
+def _beat(ctx: typer.Context, loglevel: str) -> None:
+    from worker.celery_app import beat_schedule_path, create_app
+
+    settings = _settings(ctx)
+    celery = create_app(settings)
+    schedule = beat_schedule_path(settings)
+    celery.Beat(loglevel=loglevel, schedule=str(schedule)).run()

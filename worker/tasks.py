@@ -1,0 +1,455 @@
+"""Celery tasks: decode the message, call :class:`ledger.service.Ledger`, return the outcomes.
+
+Thin on purpose: no rule lives here. ``apply_batch`` hands the whole message to
+``Ledger.apply`` (one transaction; instances locked in sorted order; entries bulk-inserted).
+
+Failure handling (README "Architecture"):
+
+* a malformed element (not JSON, not an object, invalid event) is dead-lettered by the ledger
+  like any invalid line, and the rest of the message is applied;
+* a message of the wrong shape (not one JSON array, an element that is neither an object nor a
+  string) is dead-lettered whole as ``invalid_event``, raw = the JSON of what arrived;
+* a transient database or broker error is retried by Celery with exponential backoff and full
+  jitter (``max_retries``, ``retry_backoff``, ``retry_backoff_max``);
+* any other exception — or a transient one that outlived the retries — dead-letters every
+  event of the message as ``processing_error`` with the error text, and the message is acked;
+* a message started more than ``max_deliveries`` times without completing (it kills its
+  worker process) is dead-lettered as ``processing_error`` without being decoded again.
+
+One engine per worker process: created on first use (so after the prefork fork), forgotten
+without closing in ``worker_process_init`` (a forked child must not touch the parent's
+connections) and disposed in ``worker_process_shutdown``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import kombu.exceptions
+import redis.exceptions
+from celery import Task, shared_task
+from celery.exceptions import Retry
+from celery.signals import worker_process_init, worker_process_shutdown
+from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from events import (
+    BaseEvent,
+    Event,
+    EventRejection,
+    canonical_json,
+    canonical_payload,
+    is_valid_event_id,
+    iso_utc,
+    parse_event,
+    parse_event_obj,
+    parse_iso_utc,
+)
+from events.publish import MAX_BATCH_SIZE, TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP
+from ledger.db import advisory_key, ensure_schema, is_postgres, is_transient_error, make_engine
+from ledger.policy import Policy, cached_policy
+from ledger.service import ApplyResult, Ledger, utcnow
+from ledger.settings import Settings, get_settings
+from worker.deliveries import DeliveryCounter, delivery_counter
+from worker.metrics import record_apply, record_sweep
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SWEEP_LOCK_KEY",
+    "apply_batch",
+    "apply_event",
+    "dispose_runtimes",
+    "sweep",
+]
+
+#: The fixed PostgreSQL advisory-lock key that serialises sweeps across beats and workers.
+SWEEP_LOCK_KEY = advisory_key("quota-ledger:expiry-sweep")
+
+#: Longest error text kept in a dead letter for a message-level failure.
+_MAX_ERROR_CHARS = 1000
+
+Parsed = Event | EventRejection
+
+
+# --- the per-process runtime ---------------------------------------------------------------------
+
+
+@dataclass
+class _Runtime:
+    settings: Settings
+    engine: Engine
+    ledger: Ledger
+    deliveries: DeliveryCounter
+    owns_engine: bool = True
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.owns_engine:
+                self.engine.dispose()
+            self.deliveries.close()
+
+
+_runtimes: dict[tuple[Any, ...], _Runtime] = {}
+_runtimes_lock = threading.Lock()
+
+
+def _settings_of(app: Any) -> Settings:
+    return getattr(app, "ledger_settings", None) or get_settings()
+
+
+def _runtime(task: Task) -> _Runtime:
+    settings = _settings_of(task.app)
+    policy: Policy | None = getattr(task.app, "ledger_policy", None)
+    given: Engine | None = getattr(task.app, "ledger_engine", None)
+    key = (settings.database_url, settings.broker_url, str(settings.policy_file))
+    key += (id(policy), id(given))
+    with _runtimes_lock:
+        runtime = _runtimes.get(key)
+        if runtime is None:
+            if policy is None:
+                policy_file = settings.policy_file
+                policy = cached_policy(str(policy_file) if policy_file is not None else None)
+            engine = given if given is not None else make_engine(settings.database_url)
+            ensure_schema(engine)  # one cheap query when `db upgrade` already ran
+            runtime = _Runtime(
+                settings,
+                engine,
+                Ledger(engine, policy),
+                delivery_counter(
+                    settings.broker_url,
+                    visibility_timeout=settings.visibility_timeout,
+                    max_deliveries=settings.max_deliveries,
+                ),
+                owns_engine=given is None,
+            )
+            _runtimes[key] = runtime
+    return runtime
+
+
+@worker_process_init.connect
+def _forget_inherited_runtimes(**_: Any) -> None:
+    # A prefork child inherits the parent's pools: drop them without closing the parent's
+    # sockets (SQLAlchemy's documented recipe for forked processes).
+    with _runtimes_lock:
+        for runtime in _runtimes.values():
+            if runtime.owns_engine:
+                runtime.engine.dispose(close=False)
+        _runtimes.clear()
+
+
+@worker_process_shutdown.connect
+def _dispose_on_shutdown(**_: Any) -> None:
+    dispose_runtimes()
+
+
+def dispose_runtimes() -> None:
+    """Dispose every engine and Redis client this process opened for tasks."""
+    with _runtimes_lock:
+        for runtime in _runtimes.values():
+            runtime.close()
+        _runtimes.clear()
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Message:
+    """What one message holds: per element its parse, raw text, event id and type."""
+
+    items: list[Parsed]
+    raws: list[str | None]
+    types: list[str | None]
+
+
+def _arrived_json(value: Any) -> str:
+    try:
+        return canonical_json(value)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+
+
+def _shape_error(message: str, arrived: Any) -> _Message:
+    rejection = EventRejection("invalid_event", message, None, _arrived_json(arrived))
+    return _Message([rejection], [None], [None])
+
+
+def _element_type(element: Any) -> str | None:
+    value = element.get("type") if isinstance(element, dict) else None
+    return value if isinstance(value, str) and len(value) <= 64 else None
+
+
+def _decode(kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> _Message:
+    """Never raises: whatever arrived becomes events and/or rejections."""
+    arrived = {"args": list(args), "kwargs": kwargs}
+    name = "events" if kind == TASK_APPLY_BATCH else "event"
+    if len(args) == 1 and not kwargs:
+        value = args[0]
+    elif not args and set(kwargs) == {name}:
+        value = kwargs[name]
+    else:
+        return _shape_error(
+            f"{kind} takes exactly one argument ({name}); got {_describe(arrived)}", arrived
+        )
+    if kind == TASK_APPLY_BATCH:
+        if not isinstance(value, list):
+            return _shape_error(
+                f"{kind} expects a JSON array of events, got {_json_type(value)}", value
+            )
+        elements = value
+    else:
+        elements = [value]
+    message = _Message([], [], [])
+    for index, element in enumerate(elements):
+        where = f"element {index}: " if kind == TASK_APPLY_BATCH else ""
+        if isinstance(element, str):
+            item = parse_event(element)
+            raw: str | None = element
+            etype = item.type if isinstance(item, BaseEvent) else _type_in_text(element)
+        elif isinstance(element, dict):
+            item = parse_event_obj(element)
+            raw = None
+            etype = _element_type(element)
+        else:
+            item = EventRejection(
+                "invalid_event",
+                f"{where}expected an event as a JSON object or a JSON string, "
+                f"got {_json_type(element)}",
+                None,
+                _arrived_json(element),
+            )
+            raw = None
+            etype = None
+        message.items.append(item)
+        message.raws.append(raw)
+        message.types.append(etype)
+    return message
+
+
+def _type_in_text(text_: str) -> str | None:
+    try:
+        return _element_type(json.loads(text_))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _describe(arrived: dict[str, Any]) -> str:
+    keys = ", ".join(sorted(str(k) for k in arrived["kwargs"])) or "none"
+    return f"{len(arrived['args'])} positional argument(s) and keyword(s): {keys}"
+
+
+def _raw_elements(
+    kind: str, args: Sequence[Any], kwargs: dict[str, Any]
+) -> list[tuple[str | None, str]]:
+    """``(event_id, raw)`` per element, without parsing anything (for poison messages)."""
+    name = "events" if kind == TASK_APPLY_BATCH else "event"
+    if len(args) == 1 and not kwargs:
+        value = args[0]
+    elif not args and set(kwargs) == {name}:
+        value = kwargs[name]
+    else:
+        return [(None, _arrived_json({"args": list(args), "kwargs": kwargs}))]
+    elements = value if kind == TASK_APPLY_BATCH and isinstance(value, list) else [value]
+    out: list[tuple[str | None, str]] = []
+    for element in elements:
+        event_id = element.get("event_id") if isinstance(element, dict) else None
+        raw = element if isinstance(element, str) else _arrived_json(element)
+        out.append((event_id if is_valid_event_id(event_id) else None, raw))
+    return out
+
+
+# --- the tasks -----------------------------------------------------------------------------------
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return is_transient_error(exc) or isinstance(
+        exc,
+        kombu.exceptions.OperationalError
+        | redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError,
+    )
+
+
+def _error_text(exc: BaseException) -> str:
+    # SQLAlchemy appends the SQL and its parameters on later lines: keep the first line only.
+    orig = getattr(exc, "orig", None)
+    text_ = str(orig if orig is not None else exc).strip()
+    first = text_.splitlines()[0] if text_ else ""
+    message = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return message[:_MAX_ERROR_CHARS]
+
+
+def _refusals(message: _Message, error: str) -> list[Parsed]:
+    """A whole message refused: its events become ``processing_error`` dead letters carrying
+    the text that arrived; elements that were invalid anyway keep their own code."""
+    out: list[Parsed] = []
+    for item, raw in zip(message.items, message.raws, strict=True):
+        if isinstance(item, EventRejection):
+            out.append(item)
+        else:
+            text_ = raw if raw is not None else canonical_payload(item)
+            out.append(_processing_error(error, item.event_id, text_))
+    return out
+
+
+def _undecoded(elements: list[tuple[str | None, str]], error: str) -> list[Parsed]:
+    return [_processing_error(error, event_id, raw) for event_id, raw in elements]
+
+
+def _processing_error(error: str, event_id: str | None, raw: str) -> EventRejection:
+    # The ledger stores any EventRejection as a dead letter; its code is ours to choose here.
+    return EventRejection("processing_error", error, event_id, raw)  # type: ignore[arg-type]
+
+
+def _backoff(settings: Settings, retries: int) -> float:
+    return get_exponential_backoff_interval(
+        factor=settings.retry_backoff,
+        retries=retries,
+        maximum=settings.retry_backoff_max,
+        full_jitter=True,
+    )
+
+
+def _dead_letter_or_retry(
+    task: Task, runtime: _Runtime, refusals: list[Parsed], types: list[str | None]
+) -> list[dict]:
+    """Store ``refusals`` and complete the message. If even that fails on a transient error (the
+    database is down for longer than the retries), keep the message alive with a retry every
+    ``retry_backoff_max`` seconds rather than lose it."""
+    try:
+        results = runtime.ledger.apply(refusals)
+    except Exception as exc:
+        if not _is_transient(exc):
+            raise
+        runtime.deliveries.clear(task.request.id or "")
+        countdown = runtime.settings.retry_backoff_max
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+    record_apply(results, types=types, seconds=0.0)
+    return [r.to_json() for r in results]
+
+
+def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> list[dict]:
+    runtime = _runtime(task)
+    settings = runtime.settings
+    task_id = task.request.id or ""
+    deliveries = runtime.deliveries.increment(task_id) if task_id else None
+
+    if deliveries is not None and deliveries > settings.max_deliveries:
+        # Not decoded again: decoding or applying it is what kept killing the process.
+        log.error("%s[%s] delivered %d times without completing", kind, task_id, deliveries)
+        error = f"delivered {deliveries} times without completing"
+        refusals = _undecoded(_raw_elements(kind, args, kwargs), error)
+        outcomes = _dead_letter_or_retry(task, runtime, refusals, [None] * len(refusals))
+        runtime.deliveries.clear(task_id)
+        return outcomes
+
+    message: _Message | None = None
+    started = time.perf_counter()
+    try:
+        message = _decode(kind, args, kwargs)
+        results: list[ApplyResult] = []
+        for start in range(0, len(message.items), MAX_BATCH_SIZE):
+            stop = start + MAX_BATCH_SIZE
+            results += runtime.ledger.apply(
+                message.items[start:stop], raws=message.raws[start:stop]
+            )
+    except Retry:
+        raise
+    except Exception as exc:
+        retries = task.request.retries or 0
+        error = _error_text(exc)
+        if _is_transient(exc):
+            if retries < settings.max_retries:
+                countdown = _backoff(settings, retries)
+                log.warning(
+                    "%s[%s]: transient error, retry %d in %ss: %s",
+                    *(kind, task_id, retries + 1, countdown, error),
+                )
+                runtime.deliveries.clear(task_id)
+                raise task.retry(
+                    exc=exc, countdown=countdown, max_retries=settings.max_retries
+                ) from exc
+            error = f"gave up after {retries} retries: {error}"
+        log.exception("%s[%s] failed; dead-lettering its events", kind, task_id)
+        if message is None:  # decoding itself failed
+            refusals = _undecoded(_raw_elements(kind, args, kwargs), error)
+            types: list[str | None] = [None] * len(refusals)
+        else:
+            refusals, types = _refusals(message, error), message.types
+        outcomes = _dead_letter_or_retry(task, runtime, refusals, types)
+        runtime.deliveries.clear(task_id)
+        return outcomes
+    record_apply(results, types=message.types, seconds=time.perf_counter() - started)
+    if task_id:
+        runtime.deliveries.clear(task_id)
+    return [r.to_json() for r in results]
+
+
+@shared_task(bind=True, name=TASK_APPLY_BATCH)
+def apply_batch(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
+    """``apply_batch(events)``: a JSON array of at most 1000 events, each a JSON object or a
+    JSON string; applied in one transaction. Returns one ``apply --json`` object per element."""
+    return _run(self, TASK_APPLY_BATCH, args, kwargs)
+
+
+@shared_task(bind=True, name=TASK_APPLY_EVENT)
+def apply_event(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
+    """``apply_event(event)``: one event, a JSON object or a JSON string."""
+    return _run(self, TASK_APPLY_EVENT, args, kwargs)
+
+
+@shared_task(bind=True, name=TASK_SWEEP)
+def sweep(self: Task, now: str | None = None) -> dict[str, Any]:
+    """The expiry sweep as of ``now`` (ISO 8601; default the current time).
+
+    On PostgreSQL it runs under a transaction-scoped advisory lock taken with
+    ``pg_try_advisory_xact_lock`` on a dedicated connection: a sweep that finds the lock taken
+    (another beat, an overlapping run) returns ``skipped`` at once instead of doing the work
+    again. SQLite (one writer at a time anyway) runs without it.
+    """
+    runtime = _runtime(self)
+    when: datetime = parse_iso_utc(now) if now else utcnow()
+    report: dict[str, Any] = {"as_of": iso_utc(when), "expired": 0, "skipped": False}
+    chunk = runtime.settings.sweep_chunk_size
+    if not is_postgres(runtime.engine):
+        report["expired"] = runtime.ledger.sweep(now=when, chunk_size=chunk)
+    else:
+        with runtime.engine.connect() as connection, connection.begin():
+            locked = connection.execute(
+                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK_KEY}
+            ).scalar_one()
+            if not locked:
+                log.info("sweep as of %s skipped: another sweep holds the lock", report["as_of"])
+                report["skipped"] = True
+                return report
+            report["expired"] = runtime.ledger.sweep(now=when, chunk_size=chunk)
+    record_sweep(report["expired"])
+    log.info("sweep as of %s expired %d instance(s)", report["as_of"], report["expired"])
+    return report
