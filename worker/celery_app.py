@@ -75,6 +75,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        # A message the worker cannot run (undecodable body, unknown task, odd headers) is
+        # dead-lettered instead of dropped or stopping the worker (worker/consumer.py).
+        "worker_consumer": "worker.consumer:Consumer",
         # The broker connection dropped under a running late-ack task: its ack cannot be sent
         # any more, so cancel it and let the redelivery run it (the ledger makes that a no-op
         # or a clean re-run) instead of finishing work whose ack would be lost anyway.

@@ -60,6 +60,7 @@ from ledger.service import ApplyResult, Ledger, utcnow
 from ledger.settings import Settings, get_settings
 from worker.deliveries import DeliveryCounter, delivery_counter
 from worker.metrics import record_apply, record_sweep
+from worker.transport import TASK_DEAD_LETTER
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ __all__ = [
     "SWEEP_LOCK_KEY",
     "apply_batch",
     "apply_event",
+    "dead_letter",
     "dispose_runtimes",
     "sweep",
 ]
@@ -412,17 +414,50 @@ def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> 
     return [r.to_json() for r in results]
 
 
-@shared_task(bind=True, name=TASK_APPLY_BATCH)
+class _DeadLetteringTask(Task):
+    """The apply tasks handle whatever their body sees, so a failure that reaches Celery means
+    the message could not even be passed to them (a body whose arguments are not a list and an
+    object, such as ``{"args": 1}``: Celery's ``fun(*args, **kwargs)`` raises before the task
+    runs). Dead-letter what arrived instead of leaving only a log line."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any):
+        arrived = {"args": args, "kwargs": kwargs}
+        error = f"{self.name} could not run: {_error_text(exc)}"
+        try:
+            _runtime(self).ledger.apply(
+                [EventRejection("invalid_event", error, None, _arrived_json(arrived))]
+            )
+        except Exception:
+            log.exception("%s[%s]: could not dead-letter the failed message", self.name, task_id)
+
+
+@shared_task(bind=True, name=TASK_APPLY_BATCH, base=_DeadLetteringTask)
 def apply_batch(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
     """``apply_batch(events)``: a JSON array of at most 1000 events, each a JSON object or a
     JSON string; applied in one transaction. Returns one ``apply --json`` object per element."""
     return _run(self, TASK_APPLY_BATCH, args, kwargs)
 
 
-@shared_task(bind=True, name=TASK_APPLY_EVENT)
+@shared_task(bind=True, name=TASK_APPLY_EVENT, base=_DeadLetteringTask)
 def apply_event(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
     """``apply_event(event)``: one event, a JSON object or a JSON string."""
     return _run(self, TASK_APPLY_EVENT, args, kwargs)
+
+
+@shared_task(bind=True, name=TASK_DEAD_LETTER, base=_DeadLetteringTask)
+def dead_letter(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
+    """``dead_letter(raw, error)``: a message the worker could not read or run (an item that is
+    not a kombu message, ``worker/transport.py``; a body that does not decode or a task nobody
+    runs, ``worker/consumer.py``), kept in the dead-letter store as ``invalid_event``."""
+    runtime = _runtime(self)
+    if len(args) == 2 and not kwargs and all(isinstance(arg, str) for arg in args):
+        raw, error = args
+    else:
+        arrived = {"args": list(args), "kwargs": kwargs}
+        raw = _arrived_json(arrived)
+        error = f"{TASK_DEAD_LETTER} takes (raw, error); got {_describe(arrived)}"
+    rejection = EventRejection("invalid_event", error[:_MAX_ERROR_CHARS], None, raw)
+    return _dead_letter_or_retry(self, runtime, [rejection], [None])
 
 
 @shared_task(bind=True, name=TASK_SWEEP)

@@ -325,7 +325,9 @@ def lookup(
     )
 
 
-@router.get("/instances/{instance_id}", dependencies=[Depends(require_read)])
+# ``:path``: an id with an encoded slash (``0%2F``) is looked up (and not found) instead of being
+# redirected as a trailing slash; no page lives below these two.
+@router.get("/instances/{instance_id:path}", dependencies=[Depends(require_read)])
 def instance_page(
     request: Request,
     instance_id: str,
@@ -386,7 +388,7 @@ def _known_reason(code: str) -> bool:
     return code in REASONS
 
 
-@router.get("/service-numbers/{number}", dependencies=[Depends(require_read)])
+@router.get("/service-numbers/{number:path}", dependencies=[Depends(require_read)])
 def service_number_page(
     request: Request, number: str, session: Session = Depends(db_session)
 ) -> Response:

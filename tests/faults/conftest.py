@@ -1,0 +1,379 @@
+"""Fixtures and helpers of the fault suite (``tests/faults``).
+
+The pipeline fixtures are the integration suite's (``tests/integration/conftest.py``): a Redis
+database index of its own (``redis_url``) and a factory of real ``quota-ledger`` processes, each
+in its own process group, killed with the group at teardown (``pipeline``). This module adds:
+
+- ``redis_server``: a private ``redis-server`` (AOF, ``appendfsync always``) on a free port and a
+  tmp directory, which a test may SIGKILL and restart; killed at teardown;
+- process helpers (children of a worker, the pool process that holds an open transaction);
+- ``figures``: every fault test records what it injected and what it counted; the figures are
+  printed and merged into ``test-artifacts/faults-summary.json`` (the README quotes them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
+
+from tests.integration.conftest import Pipeline, Proc, pipeline, redis_url  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[2]
+SUMMARY = REPO / "test-artifacts" / "faults-summary.json"
+
+
+# --- waiting -----------------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ")".
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (read from /proc, no psutil needed)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _ppid(int(entry)) == pid:
+            out.append(int(entry))
+    return sorted(out)
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _local_ports_by_inode(remote_port: int) -> dict[int, int]:
+    """inode → local port of the TCP connections to ``remote_port`` (/proc/net/tcp{,6})."""
+    out = {}
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+                parts = line.split()
+                local, remote, inode = parts[1], parts[2], int(parts[9])
+                if int(remote.rsplit(":", 1)[1], 16) == remote_port:
+                    out[inode] = int(local.rsplit(":", 1)[1], 16)
+    return out
+
+
+def pids_in_transaction(admin: Engine, database: str, pids: list[int]) -> list[int]:
+    """Which of ``pids`` hold an open transaction on ``database`` right now: the PostgreSQL
+    backends with ``xact_start`` set, mapped to the client processes through their TCP ports."""
+    with admin.connect() as conn:
+        ports = set(
+            conn.execute(
+                text(
+                    "SELECT client_port FROM pg_stat_activity WHERE datname = :db"
+                    " AND xact_start IS NOT NULL AND client_port IS NOT NULL"
+                    " AND pid <> pg_backend_pid()"
+                ),
+                {"db": database},
+            ).scalars()
+        )
+    if not ports:
+        return []
+    by_inode = _local_ports_by_inode(5432)
+    return [pid for pid in pids if {by_inode.get(i) for i in _socket_inodes(pid)} & ports]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- a private redis-server --------------------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    """``redis-server`` on its own port and directory, AOF with ``appendfsync always``."""
+
+    port: int
+    directory: Path
+    popen: subprocess.Popen | None = None
+    starts: int = 0
+    kills: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        log = self.directory / f"redis-{self.starts}.log"
+        self.logs.append(log)
+        with log.open("wb") as handle:
+            self.popen = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(self.directory),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                    "--maxmemory-policy",
+                    "noeviction",
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.starts += 1
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        try:
+
+            def ready() -> bool:
+                try:
+                    return bool(client.ping())
+                except redis.RedisError:
+                    if self.popen is not None and self.popen.poll() is not None:
+                        raise AssertionError(
+                            f"redis-server exited: {log.read_text(errors='replace')}"
+                        ) from None
+                    return False
+
+            wait_until(ready, 20, f"redis-server on port {self.port}")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync (everything acknowledged is in the AOF)."""
+        if self.popen is not None:
+            kill_group(self.popen.pid)
+            self.popen.wait(10)
+            self.kills += 1
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(free_port(), directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --- databases ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_admin(pg_admin_engine: Engine) -> Engine:
+    """AUTOCOMMIT on the maintenance database (pg_stat_activity, pg_terminate_backend)."""
+    return pg_admin_engine
+
+
+def database_name(url: str) -> str:
+    return url.rsplit("/", 1)[1].split("?", 1)[0]
+
+
+def check_engine(url: str) -> Engine:
+    """An engine for the test's own reads, named so that fault injection can spare it."""
+    from ledger.db import normalize_url
+
+    return create_engine(
+        normalize_url(url),
+        poolclass=NullPool,
+        connect_args={"application_name": "quota-ledger-fault-check"},
+    )
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A dict the test fills; printed and merged into ``test-artifacts/faults-summary.json``
+    under the test's name once the test passed."""
+    data: dict[str, Any] = {}
+    started = time.monotonic()
+    yield data
+    report = getattr(request.node, "rep_call", None)
+    if not data or report is None or not report.passed:
+        return
+    data["seconds"] = round(time.monotonic() - started, 1)
+    data["recorded_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    SUMMARY.parent.mkdir(exist_ok=True)
+    try:
+        summary = json.loads(SUMMARY.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    summary[request.node.name] = data
+    SUMMARY.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"\nfault figures {request.node.name}: {json.dumps(data, sort_keys=True)}")
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+# --- workloads and checks ----------------------------------------------------------------------
+
+
+def workload(prefix: str, instances: int, requests: int = 4) -> list[dict[str, Any]]:
+    """Per instance a purchase followed by ``requests`` service-number requests, consecutive,
+    so that a batch size divisible by ``1 + requests`` never splits an instance's events."""
+    from tests.support import Events
+
+    factory = Events(prefix)
+    events: list[dict[str, Any]] = []
+    for n in range(instances):
+        instance = f"i-{prefix}-{n:05d}"
+        events.append(factory.purchase(instance))
+        events += [factory.request(instance, at=10 + k / 10) for k in range(requests)]
+    return events
+
+
+def ledger_counts(engine: Engine, prefix: str | None = None) -> dict[str, int]:
+    """Entries, distinct event ids, dead letters, and numbers issued (of ``prefix``'s events)."""
+    like = f"{prefix}-%" if prefix else "%"
+    with engine.connect() as conn:
+        entries, distinct = conn.execute(
+            text(
+                "SELECT count(*), count(DISTINCT event_id) FROM ledger_entries"
+                " WHERE event_id LIKE :like"
+            ),
+            {"like": like},
+        ).one()
+        letters = conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one()
+        numbers = conn.execute(text("SELECT count(*) FROM service_numbers")).scalar_one()
+    return {"entries": entries, "distinct": distinct, "dead_letters": letters, "numbers": numbers}
+
+
+def entry_count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one())
+
+
+def audit_clean(pipe: Pipeline) -> dict[str, Any]:
+    """``quota-ledger rebuild --check`` and ``verify`` (the real CLI) must both pass."""
+    rebuilt = pipe.cli("rebuild", "--check", "--json", timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    verified = pipe.cli("verify", "--json", timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    report = json.loads(verified.stdout)
+    assert report["ok"] is True and json.loads(rebuilt.stdout)["drift"] == []
+    return report
+
+
+def redis_queue_state(url: str) -> dict[str, int]:
+    """Messages waiting, messages delivered and unacknowledged, delivery counters left."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        return {
+            "queued": client.llen("quota_ledger.events"),
+            "unacked": client.hlen("unacked"),
+            "delivery_keys": len(client.keys("quota_ledger:deliveries:*")),
+        }
+    finally:
+        client.close()
+
+
+_RECEIVED = re.compile(r"Task ([a-z_.]+)\[([0-9a-f-]+)\] received")
+
+
+def _receipts(log: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, task_id in _RECEIVED.findall(log):
+        counts[task_id] = counts.get(task_id, 0) + 1
+    return counts
+
+
+def redelivered(log: str) -> int:
+    """Messages a worker log shows as received more than once."""
+    return sum(1 for n in _receipts(log).values() if n > 1)
+
+
+def redeliveries(log: str) -> int:
+    """Receipts beyond each message's first (one message may come back several times)."""
+    return sum(n - 1 for n in _receipts(log).values())
