@@ -9,6 +9,7 @@ worker. ``validate_event`` is the raising convenience for publishers.
 import contextlib
 import json
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal, NoReturn
 
 from pydantic import ValidationError
@@ -23,6 +24,7 @@ from events.models import (
     describe_value,
     is_valid_event_id,
 )
+from events.timefmt import parse_iso_utc
 
 __all__ = [
     "MAX_EVENT_BYTES",
@@ -31,6 +33,7 @@ __all__ = [
     "RejectionCode",
     "canonical_json",
     "canonical_payload",
+    "event_from_payload",
     "event_to_payload",
     "parse_event",
     "parse_event_obj",
@@ -81,9 +84,14 @@ def canonical_json(obj: Any) -> str:
     ``allow_nan=False``: NaN/Infinity are not JSON and would make the text unparseable by
     other languages (and every event value is finite anyway).
     """
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    return _CANONICAL_ENCODE(obj)
+
+
+# What json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+# allow_nan=False) does, without building a new encoder for every call.
+_CANONICAL_ENCODE = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
 
 
 def event_to_payload(event: BaseEvent) -> dict[str, Any]:
@@ -100,6 +108,96 @@ def event_to_payload(event: BaseEvent) -> dict[str, Any]:
 def canonical_payload(event: BaseEvent) -> str:
     """``canonical_json(event_to_payload(event))``: what the ledger stores and hashes."""
     return canonical_json(event_to_payload(event))
+
+
+# --- stored payloads -------------------------------------------------------------------------
+
+# How a canonical payload's JSON values become model values: times are iso_utc text, amounts
+# decimal_str text; everything else (strings, ints, integral-or-not bandwidth numbers, nulls) is
+# already the validated value.
+_PAYLOAD_DECODERS = {
+    "occurred_at": parse_iso_utc,
+    "expires_at": parse_iso_utc,
+    "order_amount_cny": Decimal,
+}
+_MODEL_FIELDS = {name: frozenset(model.model_fields) for name, model in EVENT_MODELS.items()}
+
+
+def event_from_payload(payload: str) -> Event:
+    """The event whose canonical payload (:func:`canonical_payload`) is ``payload``.
+
+    For the ledger's own stored payloads (rebuild folds millions of them): each was produced
+    from a validated event by :func:`canonical_payload`, and the entry's hash, checked before
+    folding, proves it unchanged, so validating it again only costs time. The event is built
+    without validation from the payload's values (times parsed back with ``parse_iso_utc``,
+    the amount with ``Decimal``), which gives exactly the validated event: ``parse_event``
+    returns these same values for a canonical payload. Anything that does not have the exact
+    shape of a canonical payload (unknown type, missing or extra fields) falls back to
+    :func:`parse_event` and raises ``ValueError`` with its error if it is not an event.
+    """
+    data = json.loads(payload)
+    fields = _MODEL_FIELDS.get(data.get("type")) if isinstance(data, dict) else None
+    if fields is None or fields != data.keys():
+        return _parsed_or_raise(payload)
+    try:
+        for name, decode in _PAYLOAD_DECODERS.items():
+            value = data.get(name)
+            if value is not None:
+                data[name] = decode(value)
+    except (ArithmeticError, ValueError, TypeError):
+        return _parsed_or_raise(payload)
+    return _construct(EVENT_MODELS[data["type"]], data)
+
+
+def _model_construct(model: type[BaseEvent], values: dict[str, Any]) -> BaseEvent:
+    return model.model_construct(**values)
+
+
+def _direct_construct(model: type[BaseEvent], values: dict[str, Any]) -> BaseEvent:
+    """What ``model_construct`` builds when ``values`` holds every field and nothing else (no
+    defaults to fill, no aliases, no extras, no private attributes), minus its per-field
+    bookkeeping. Only used if it gives exactly ``model_construct``'s result (checked at
+    import, so a pydantic upgrade that changes the internals falls back by itself)."""
+    event = model.__new__(model)
+    _set = object.__setattr__
+    _set(event, "__dict__", {name: values[name] for name in model.model_fields})
+    _set(event, "__pydantic_fields_set__", set(values))
+    _set(event, "__pydantic_extra__", None)
+    _set(event, "__pydantic_private__", None)
+    return event
+
+
+def _same_construction() -> bool:
+    sample = {
+        "event_id": "e-1",
+        "type": "instance.released",
+        "occurred_at": parse_iso_utc("2026-01-01T00:00:00Z"),
+        "instance_id": "i-1",
+        "schema_version": 1,
+    }
+    model = EVENT_MODELS["instance.released"]
+    try:
+        fast, slow = _direct_construct(model, dict(sample)), _model_construct(model, dict(sample))
+        names = (
+            "__dict__",
+            "__pydantic_fields_set__",
+            "__pydantic_extra__",
+            "__pydantic_private__",
+        )
+        same = all(getattr(fast, name) == getattr(slow, name) for name in names)
+        return same and fast == slow and list(fast.__dict__) == list(slow.__dict__)
+    except Exception:
+        return False
+
+
+_construct = _direct_construct if _same_construction() else _model_construct
+
+
+def _parsed_or_raise(payload: str) -> Event:
+    event = parse_event(payload)
+    if isinstance(event, EventRejection):
+        raise ValueError(event.error)
+    return event
 
 
 # --- parsing ---------------------------------------------------------------------------------

@@ -174,8 +174,9 @@ def _check_printable_id(value: object) -> str:
     if not 1 <= len(text) <= 128:
         _fail(f"must be 1 to 128 characters long (got {len(text)})")
     # isprintable() is False for control, format, surrogate and separator characters except
-    # the ASCII space, which the isspace() check then excludes.
-    if not text.isprintable() or any(ch.isspace() for ch in text):
+    # the ASCII space, which is then excluded. (Every other whitespace character is a control
+    # or separator character, so once isprintable() holds, "no whitespace" is "no space".)
+    if not text.isprintable() or " " in text:
         _fail(f"must be printable characters without whitespace (got {describe_value(text)})")
     return text
 

@@ -6,6 +6,7 @@ them with :func:`parse_iso_utc`, so one instant always has exactly one spelling.
 
 import re
 from datetime import UTC, datetime
+from functools import lru_cache
 
 __all__ = ["iso_utc", "parse_iso_utc"]
 
@@ -28,6 +29,11 @@ def iso_utc(dt: datetime) -> str:
     Microseconds appear only when non-zero, so whole-second instants stay short and every
     instant has exactly one spelling (hashes and canonical payloads depend on this).
     """
+    if dt.__class__ is datetime and dt.tzinfo is UTC:
+        # Hot path (every stored time is already UTC): the same text as below, without the
+        # conversion, and cached (UTC datetimes are equal exactly when they are the same
+        # instant, so a cached spelling is always the right one).
+        return _iso_of_utc(dt)
     if not isinstance(dt, datetime):
         raise TypeError(f"iso_utc expects a datetime, got {type(dt).__name__}")
     if dt.tzinfo is None or dt.utcoffset() is None:
@@ -36,6 +42,12 @@ def iso_utc(dt: datetime) -> str:
     # isoformat (unlike strftime %Y) always pads the year to four digits.
     spec = "microseconds" if utc.microsecond else "seconds"
     return utc.isoformat(timespec=spec) + "Z"
+
+
+@lru_cache(maxsize=1 << 16)
+def _iso_of_utc(dt: datetime) -> str:
+    plain = dt.replace(tzinfo=None)
+    return plain.isoformat(timespec="microseconds" if dt.microsecond else "seconds") + "Z"
 
 
 def parse_iso_utc(text: str) -> datetime:
@@ -47,6 +59,14 @@ def parse_iso_utc(text: str) -> datetime:
     """
     if not isinstance(text, str):
         raise ValueError(f"timestamp must be a string, got {type(text).__name__}")
+    # Pure function of an immutable string returning an immutable datetime: cached, because
+    # the same instants are parsed over and over (projection JSON, stored payloads). Errors
+    # are raised, never cached.
+    return _parse_iso_utc(str(text))
+
+
+@lru_cache(maxsize=1 << 16)
+def _parse_iso_utc(text: str) -> datetime:
     if len(text) > _MAX_TIMESTAMP_CHARS:
         raise ValueError(f"not an ISO 8601 timestamp (too long: {len(text)} characters)")
     m = _TIMESTAMP_RE.fullmatch(text)

@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from operator import attrgetter, itemgetter
 from typing import Any
 
 # THE time spelling of the system (SPEC §7), shared with payloads, CLI and API: UTC,
@@ -53,12 +54,43 @@ def entry_hash(
     ``occurred_at`` is the ISO text with ``Z``; an aware datetime is formatted with ``_iso``
     so that callers holding a database row (which gives datetimes back) get the same hash.
     """
+    return _hash_of(
+        instance_seq,
+        event_id,
+        type,
+        occurred_at,
+        payload,
+        outcome,
+        reasons,
+        result,
+        policy_version,
+        prev_hash,
+    )
+
+
+# json.dumps with these options builds a new encoder per call; one shared instance encodes
+# exactly the same text.
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _hash_of(
+    instance_seq: int,
+    event_id: str,
+    type_: str,
+    occurred_at: str | datetime,
+    payload: str,
+    outcome: str,
+    reasons: Sequence[str],
+    result: Mapping[str, Any],
+    policy_version: str,
+    prev_hash: str,
+) -> str:
     if isinstance(occurred_at, datetime):
         occurred_at = _iso(occurred_at)
     material = [
         instance_seq,
         event_id,
-        type,
+        type_,
         occurred_at,
         payload,
         outcome,
@@ -67,8 +99,29 @@ def entry_hash(
         policy_version,
         prev_hash,
     ]
-    text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(_ENCODE(material).encode("utf-8")).hexdigest()
+
+
+_NAMES = (*CHAIN_FIELDS, "hash")
+_BY_ATTRIBUTE = attrgetter(*_NAMES)
+_BY_KEY = itemgetter(*_NAMES)
+
+
+def _values(entry: Any) -> tuple[Any, ...]:
+    """The chain fields plus ``hash``, in that order, from an object (ORM rows, SQLAlchemy
+    ``Row``s, namedtuples: attribute access), a mapping or a plain tuple: one C-level getter
+    call instead of a dict per entry."""
+    if isinstance(entry, Mapping):
+        return _BY_KEY(entry)
+    if (
+        isinstance(entry, tuple)
+        and not hasattr(entry, "_fields")
+        and not hasattr(entry, "_mapping")
+    ):
+        if len(entry) != len(_NAMES):
+            raise ValueError(f"a chain tuple has {len(_NAMES)} items, got {len(entry)}")
+        return entry
+    return _BY_ATTRIBUTE(entry)
 
 
 def _fields(entry: Any) -> dict[str, Any]:
@@ -76,18 +129,7 @@ def _fields(entry: Any) -> dict[str, Any]:
 
     Objects cover ORM rows, SQLAlchemy ``Row``s and namedtuples (attribute access).
     """
-    names = (*CHAIN_FIELDS, "hash")
-    if isinstance(entry, Mapping):
-        return {name: entry[name] for name in names}
-    if (
-        isinstance(entry, tuple)
-        and not hasattr(entry, "_fields")
-        and not hasattr(entry, "_mapping")
-    ):
-        if len(entry) != len(names):
-            raise ValueError(f"a chain tuple has {len(names)} items, got {len(entry)}")
-        return dict(zip(names, entry, strict=True))
-    return {name: getattr(entry, name) for name in names}
+    return dict(zip(_NAMES, _values(entry), strict=True))
 
 
 def verify_chain(entries: Iterable[Any], *, head: tuple[int, str] | None = None) -> int | None:
@@ -106,13 +148,13 @@ def verify_chain(entries: Iterable[Any], *, head: tuple[int, str] | None = None)
     prev = GENESIS_HASH
     count = 0
     for position, entry in enumerate(entries, start=1):
-        f = _fields(entry)
-        if f["instance_seq"] != position or f["prev_hash"] != prev:
+        values = _values(entry)
+        # values: the CHAIN_FIELDS in order, then hash; [0] is instance_seq, [9] prev_hash.
+        if values[0] != position or values[9] != prev:
             return position
-        expected = entry_hash(**{name: f[name] for name in CHAIN_FIELDS})
-        if f["hash"] != expected:
+        if values[10] != _hash_of(*values[:10]):
             return position
-        prev = f["hash"]
+        prev = values[10]
         count = position
     if head is not None:
         head_entries, head_hash = head

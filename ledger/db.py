@@ -8,6 +8,7 @@ does not need to know which one it runs on.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -22,8 +23,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, select, text
+from sqlalchemy import Connection, Engine, any_, bindparam, create_engine, event, select, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.pool import StaticPool
@@ -37,8 +39,10 @@ __all__ = [
     "current_revision",
     "ensure_schema",
     "head_revision",
+    "id_in",
     "is_postgres",
     "is_transient_error",
+    "lock_and_load",
     "lock_instances",
     "make_engine",
     "normalize_url",
@@ -73,6 +77,17 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
+def json_loads(data: str | bytes) -> Any:
+    """``json.loads`` for JSON columns, with a shortcut for the values most rows hold (the
+    ledger's ``reasons`` and ``result`` are mostly ``[]`` and ``{}``): a new empty list or
+    dict, exactly what ``json.loads`` returns for them, without its decoding machinery."""
+    if data == b"[]" or data == "[]":
+        return []
+    if data == b"{}" or data == "{}":
+        return {}
+    return json.loads(data)
+
+
 def _is_sqlite_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:") or bool(url.query.get("mode") == "memory")
 
@@ -87,11 +102,12 @@ def make_engine(url: str | URL) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         return _make_sqlite_engine(parsed)
     # pre_ping: a worker outlives database restarts and idle-connection reapers.
-    return create_engine(parsed, pool_pre_ping=True)
+    return create_engine(parsed, pool_pre_ping=True, json_deserializer=json_loads)
 
 
 def _make_sqlite_engine(url: URL) -> Engine:
     kwargs: dict[str, Any] = {
+        "json_deserializer": json_loads,
         # The sqlite3 driver's own wait for a lock; the PRAGMA below says the same.
         "connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
     }
@@ -233,29 +249,78 @@ def lock_instances(session: Session, instance_ids: Iterable[str]) -> None:
     SQLite: nothing to do. Every transaction of ``make_engine`` starts with BEGIN IMMEDIATE,
     which already admits one writer at a time for the whole database.
     """
-    ids = sorted(set(instance_ids))
-    if not ids or not is_postgres(session):
-        return
+    lock_and_load(session, instance_ids)
 
+
+_INSTANCES = InstanceRow.__table__
+_ADVISORY_LOCKS = text(
+    # One round trip for every key, taken in the order of the array (sorted ids).
+    "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"
+)
+
+
+def id_in(column: Any, postgres: bool, name: str = "ids") -> Any:
+    """``column IN (:ids …)``, bound with a list; on PostgreSQL ``column = ANY(:ids)``: one
+    array parameter, so the statement text is the same for any number of ids (psycopg caches
+    and prepares it, the server plans it once) instead of one placeholder per id."""
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+@lru_cache(maxsize=16)
+def _instances_query(columns: tuple[str, ...], postgres: bool) -> Any:
+    """PostgreSQL: the rows ``FOR UPDATE``; SQLite (nothing to lock): a plain read."""
+    table = _INSTANCES
+    stmt = (
+        select(table.c.instance_id, *(table.c[name] for name in columns))
+        .where(id_in(table.c.instance_id, postgres))
+        .order_by(table.c.instance_id)
+    )
+    return stmt.with_for_update() if postgres else stmt
+
+
+def lock_and_load(
+    session: Session, instance_ids: Iterable[str], columns: tuple[str, ...] = ()
+) -> dict[str, tuple[Any, ...]]:
+    """:func:`lock_instances`, and the ``columns`` of the ``instances`` rows that exist, read
+    by the same statements that lock them (``{instance_id: (values…)}``; with no columns, the
+    rows' ids map to ``()``). On SQLite (nothing to lock) the rows are read only if ``columns``
+    are asked for.
+
+    The advisory locks of all the instances without a row are taken in one statement, in
+    sorted order, and those instances are then selected ``FOR UPDATE`` again in one statement:
+    the same locks, in the same order, as one lock and one select per instance.
+    """
+    ids = sorted(set(instance_ids))
+    if not ids:
+        return {}
+    postgres = is_postgres(session)
+    if not postgres and not columns:
+        return {}
     # Through the session's connection: same transaction, and works for any Session class.
     connection = session.connection()
+    if not postgres:
+        query = _instances_query(columns, False)
+        found: dict[str, tuple[Any, ...]] = {}
+        for start in range(0, len(ids), 500):  # under SQLite's variable limit
+            for row in connection.execute(query, {"ids": ids[start : start + 500]}):
+                found[row[0]] = tuple(row[1:])
+        return found
 
-    def select_for_update(wanted: list[str]) -> set[str]:
-        stmt = (
-            select(InstanceRow.instance_id)
-            .where(InstanceRow.instance_id.in_(wanted))  # type: ignore[attr-defined]
-            .order_by(InstanceRow.instance_id)
-            .with_for_update()
-        )
-        return set(connection.execute(stmt).scalars())
+    query = _instances_query(columns, True)
+
+    def select_for_update(wanted: list[str]) -> dict[str, tuple[Any, ...]]:
+        return {row[0]: tuple(row[1:]) for row in connection.execute(query, {"ids": wanted})}
 
     found = select_for_update(ids)
-    for instance_id in ids:
-        if instance_id not in found:
-            connection.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(instance_id)}
-            )
-            select_for_update([instance_id])
+    missing = [instance_id for instance_id in ids if instance_id not in found]
+    if missing:
+        connection.execute(
+            _ADVISORY_LOCKS, {"keys": [advisory_key(instance_id) for instance_id in missing]}
+        ).all()
+        found.update(select_for_update(missing))
+    return found
 
 
 # --- errors --------------------------------------------------------------------------------

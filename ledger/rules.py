@@ -17,7 +17,7 @@ Where to find a rule:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -43,6 +43,7 @@ from ledger.state import (
     Purchase,
     ServiceNumber,
     Stamped,
+    evolve,
 )
 
 Outcome = Literal["applied", "rejected", "stale"]
@@ -378,11 +379,11 @@ def fold(
     """The state after one recorded entry. Rejected and stale entries only move the chain head."""
     if outcome == "applied":
         state = _FOLDERS[event.type](state, event, result)
-    return replace(state, entries=instance_seq, head_hash=entry_hash)
+    return evolve(state, entries=instance_seq, head_hash=entry_hash)
 
 
 def _fold_purchase(state: InstanceState, event: InstancePurchased, result: dict) -> InstanceState:
-    state = replace(
+    state = evolve(
         state,
         purchase=Purchase(
             event_id=event.event_id,
@@ -425,15 +426,15 @@ def _fold_extension(
     voided = set(result.get("voided", ()))
     numbers = dict(state.numbers)
     for number in result.get("revived", ()):
-        numbers[number] = replace(
+        numbers[number] = evolve(
             numbers[number], status="active", invalidated_at=None, invalidated_reason=None
         )
-    return replace(
+    return evolve(
         state,
         term_months=state.term_months + (term_months or 0),
         extensions=(*state.extensions, Extension(event.event_id, event.occurred_at, expires_at)),
         expiries=tuple(
-            replace(expiry, void=True) if expiry.event_id in voided else expiry
+            evolve(expiry, void=True) if expiry.event_id in voided else expiry
             for expiry in state.expiries
         ),
         numbers=numbers,
@@ -442,12 +443,12 @@ def _fold_extension(
 
 def _set_billing(state: InstanceState, event: Event, billing_method: str) -> InstanceState:
     stamped = Stamped(event.occurred_at, event.event_id, billing_method)
-    return replace(state, billing=stamped) if stamped.newer_than(state.billing) else state
+    return evolve(state, billing=stamped) if stamped.newer_than(state.billing) else state
 
 
 def _set_bandwidth(state: InstanceState, event: Event, mbps: float) -> InstanceState:
     stamped = Stamped(event.occurred_at, event.event_id, mbps)
-    return replace(state, bandwidth=stamped) if stamped.newer_than(state.bandwidth) else state
+    return evolve(state, bandwidth=stamped) if stamped.newer_than(state.bandwidth) else state
 
 
 def _fold_bandwidth(
@@ -461,7 +462,7 @@ def _invalidate(
 ) -> dict[str, ServiceNumber]:
     updated = dict(state.numbers)
     for number in numbers:
-        updated[number] = replace(
+        updated[number] = evolve(
             updated[number], status="invalidated", invalidated_at=at, invalidated_reason=reason
         )
     return updated
@@ -469,7 +470,7 @@ def _invalidate(
 
 def _fold_expiry(state: InstanceState, event: InstanceExpired, result: dict) -> InstanceState:
     invalidated = list(result.get("invalidated", ()))
-    return replace(
+    return evolve(
         state,
         expiries=(
             *state.expiries,
@@ -481,7 +482,7 @@ def _fold_expiry(state: InstanceState, event: InstanceExpired, result: dict) -> 
 
 def _fold_release(state: InstanceState, event: InstanceReleased, result: dict) -> InstanceState:
     invalidated = list(result.get("invalidated", ()))
-    return replace(
+    return evolve(
         state,
         released_at=event.occurred_at,
         numbers=_invalidate(state, invalidated, event.occurred_at, "instance_released"),
@@ -496,12 +497,12 @@ def _fold_request(
     numbers[number] = ServiceNumber(
         number=number, issued_at=event.occurred_at, issue_order=len(numbers) + 1
     )
-    return replace(state, numbers=numbers)
+    return evolve(state, numbers=numbers)
 
 
 def _fold_filing(state: InstanceState, event: FilingSubmitted, result: dict) -> InstanceState:
     numbers = dict(state.numbers)
-    numbers[event.service_number] = replace(
+    numbers[event.service_number] = evolve(
         numbers[event.service_number],
         status="used",
         filing_id=event.filing_id,
@@ -518,15 +519,15 @@ def _fold_filing(state: InstanceState, event: FilingSubmitted, result: dict) -> 
         accepted_at=event.occurred_at,
         accept_order=len(filings) + 1,
     )
-    return replace(state, numbers=numbers, filings=filings)
+    return evolve(state, numbers=numbers, filings=filings)
 
 
 def _fold_withdrawal(state: InstanceState, event: FilingWithdrawn, result: dict) -> InstanceState:
     filings = dict(state.filings)
-    filings[event.filing_id] = replace(
+    filings[event.filing_id] = evolve(
         filings[event.filing_id], status="withdrawn", withdrawn_at=event.occurred_at
     )
-    return replace(state, filings=filings)
+    return evolve(state, filings=filings)
 
 
 _FOLDERS: dict[str, Callable[[InstanceState, Any, dict], InstanceState]] = {

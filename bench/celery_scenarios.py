@@ -1,0 +1,296 @@
+"""The two Celery scenarios: events through the real pipeline (publisher → Redis → ``quota-ledger
+worker --concurrency 2`` → PostgreSQL), end to end, against baselines run in the same run.
+
+Timing: the worker is started and warmed up first (its pool processes have connected to the
+broker and the database); the clock starts when publishing starts and stops when the queue and
+kombu's ``unacked`` hash are both empty. The project acknowledges late (``task_acks_late``), so
+an empty ``unacked`` means every message has been fully processed. The same detection is used
+for the no-op baseline, so both sides are measured alike.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+
+from bench import data
+from bench.celery_worker import NOOP_TASK
+from bench.scenarios import Context, Result, rate
+
+QUEUE = "quota_ledger.events"
+WORKER_TIMEOUT_S = 60.0
+
+
+def _pipeline_available() -> bool:
+    """The Celery pipeline's modules (events/publish.py, worker/celery_app.py, tasks.py)."""
+    import importlib.util
+
+    names = ("events.publish", "worker.celery_app", "worker.tasks")
+    return all(importlib.util.find_spec(name) is not None for name in names)
+
+
+def _cli_has_worker_command() -> bool:
+    from worker.cli import app
+
+    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    return "worker" in names
+
+
+def _pending(client: Any) -> int:
+    """Messages queued or delivered but not yet acknowledged."""
+    queued = sum(client.llen(key) for key in client.scan_iter(match=f"{QUEUE}*", count=1000))
+    return queued + client.hlen("unacked")
+
+
+class _Worker:
+    """One Celery worker process (group) with its environment, always stopped."""
+
+    def __init__(self, ctx: Context, kind: str, database_url: str) -> None:
+        self.ctx = ctx
+        env = {
+            **os.environ,
+            "QUOTA_LEDGER_DATABASE_URL": database_url,
+            "QUOTA_LEDGER_BROKER_URL": ctx.redis.url,
+        }
+        if kind == "ledger" and _cli_has_worker_command():
+            args = [sys.executable, "-m", "worker", "worker", "--concurrency", "2"]
+            args += ["--queues", QUEUE, "--loglevel", "WARNING"]
+        else:
+            args = [sys.executable, "-m", "bench.celery_worker", kind, "--concurrency", "2"]
+            args += ["--queues", QUEUE, "--loglevel", "WARNING"]
+        self.args = args
+        # Closed in stop(); the worker writes its log here.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.proc = ctx.processes.start(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            self.log.seek(0)
+            raise RuntimeError(
+                f"worker {' '.join(self.args[2:])} exited {self.proc.returncode}: "
+                f"{self.log.read()[-2000:]}"
+            )
+
+    def stop(self) -> None:
+        self.ctx.processes.stop(self.proc)
+        self.log.close()
+
+
+def _send(task: str, payloads: Sequence[list[dict[str, Any]]], broker_url: str) -> None:
+    """Send messages exactly as ``events.publish.enqueue_batches`` does, by task name."""
+    from events.publish import PUBLISH_RETRY_POLICY, producer_app
+
+    app = producer_app(broker_url)
+    with app.producer_or_acquire() as producer:
+        for args in payloads:
+            app.send_task(
+                task,
+                args=[args],
+                queue=QUEUE,
+                routing_key=QUEUE,
+                producer=producer,
+                ignore_result=True,
+                retry=True,
+                retry_policy=dict(PUBLISH_RETRY_POLICY),
+            )
+
+
+def _wait_drained(
+    ctx: Context, worker: _Worker, *, timeout: float, done: Callable[[], bool] | None = None
+) -> float:
+    """Poll until nothing is pending and ``done()`` agrees; returns the time
+    (``perf_counter``) it was first seen so.
+
+    kombu moves a delivered message from the queue to ``unacked`` in two steps, so "nothing
+    pending" alone can be seen for an instant while the last message is in flight: the
+    ledger run also counts its rows (``done``), the no-op run needs two empty looks in a row.
+    """
+    client = ctx.redis.client
+    deadline = time.monotonic() + timeout
+    empty_since: float | None = None
+    while time.monotonic() < deadline:
+        now = time.perf_counter()
+        if _pending(client) == 0:
+            if done is not None:
+                if done():
+                    return now
+            elif empty_since is not None:
+                return empty_since
+            else:
+                empty_since = now
+        else:
+            empty_since = None
+        worker.check()
+        time.sleep(0.01)
+    raise RuntimeError(f"the worker did not drain the queue within {timeout:.0f} s")
+
+
+def _row_counter(url: str, expected: int) -> Callable[[], bool]:
+    def done() -> bool:
+        with psycopg.connect(url) as conn:
+            entries = conn.execute("SELECT count(*) FROM ledger_entries").fetchone()[0]
+            dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        return entries + dead >= expected
+
+    return done
+
+
+def _events(lines: list[str]) -> list[Any]:
+    from events import EventRejection, parse_event
+
+    events = [parse_event(line) for line in lines]
+    assert not any(isinstance(e, EventRejection) for e in events)
+    return events
+
+
+def _run_ledger(ctx: Context, lines: list[str], batch_size: int) -> tuple[float, str, int]:
+    """Publish ``lines`` through the pipeline into a fresh database; returns (seconds, url,
+    rows appended or dead-lettered). The caller drops the database."""
+    from events.publish import close_producer, enqueue_batches
+
+    url = ctx.postgres.create()
+    ctx.redis.flush()
+    warmup = _events(data.event_lines(4, prefix="warmup-"))
+    events = _events(lines)
+    worker = _Worker(ctx, "ledger", url)
+    try:
+        enqueue_batches(warmup, batch_size=1, broker_url=ctx.redis.url)
+        _wait_drained(ctx, worker, timeout=WORKER_TIMEOUT_S, done=_row_counter(url, 4))
+        started = time.perf_counter()
+        enqueue_batches(events, batch_size=batch_size, broker_url=ctx.redis.url)
+        finished = _wait_drained(
+            ctx,
+            worker,
+            timeout=max(600.0, len(events) / 50),
+            done=_row_counter(url, len(events) + len(warmup)),
+        )
+        seconds = finished - started
+    finally:
+        worker.stop()
+        close_producer(ctx.redis.url)
+    with psycopg.connect(url) as conn:
+        entries = conn.execute("SELECT count(*) FROM ledger_entries").fetchone()[0]
+        dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+    if entries + dead != len(lines) + len(warmup):
+        raise RuntimeError(
+            f"{entries} entries + {dead} dead letters for {len(lines) + len(warmup)} events"
+        )
+    if dead:
+        raise RuntimeError(f"{dead} events were dead-lettered")
+    return seconds, url, entries
+
+
+def _run_noop(ctx: Context, lines: list[str], batch_size: int) -> float:
+    from events import event_to_payload
+    from events.publish import close_producer
+
+    ctx.redis.flush()
+    events = _events(lines)
+    worker = _Worker(ctx, "noop", "sqlite://")
+    try:
+        _send(NOOP_TASK, [[{}]] * 4, ctx.redis.url)
+        _wait_drained(ctx, worker, timeout=WORKER_TIMEOUT_S)
+        started = time.perf_counter()
+        payloads = [event_to_payload(event) for event in events]
+        batches = [payloads[i : i + batch_size] for i in range(0, len(payloads), batch_size)]
+        _send(NOOP_TASK, batches, ctx.redis.url)
+        finished = _wait_drained(ctx, worker, timeout=max(600.0, len(events) / 50))
+        return finished - started
+    finally:
+        worker.stop()
+        close_producer(ctx.redis.url)
+
+
+def single(ctx: Context) -> Result:
+    count = ctx.n(20_000, 200)
+    lines = data.event_lines(count, prefix="s-")
+    ctx.log(f"celery single: {count:,} events, one per message, worker --concurrency 2 …")
+    seconds, url, _ = _run_ledger(ctx, lines, 1)
+    ctx.postgres.drop(url)
+    events_per_s = rate(count, seconds)
+    ctx.log(f"  {events_per_s:,.0f} events/s; baseline: {count:,} no-op tasks …")
+    noop_seconds = _run_noop(ctx, lines, 1)
+    tasks_per_s = rate(count, noop_seconds)
+    ratio = events_per_s / tasks_per_s
+    return Result(
+        "celery_single",
+        "single-event messages",
+        f"{count:,} events, one per message, worker --concurrency 2: events/s",
+        {"events": count, "seconds": round(seconds, 2), "events_per_s": round(events_per_s)},
+        {
+            "what": f"{count:,} no-op Celery tasks (same app, settings, options and payloads)",
+            "seconds": round(noop_seconds, 2),
+            "tasks_per_s": round(tasks_per_s),
+        },
+        ratio,
+        "ratio ≥ 0.6",
+        ratio >= 0.6,
+        params={"concurrency": 2, "batch_size": 1, "publisher": "events.publish.enqueue_batches"},
+    )
+
+
+def _pg_baseline(url: str) -> tuple[int, float]:
+    """Raw ``executemany`` of the run's own ledger rows into a plain table, one connection,
+    commit per 1,000: (rows, rows/s)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT instance_id, instance_seq, event_id, type, occurred_at, recorded_at, "
+            "payload, outcome, reasons::text, result::text, policy_version, prev_hash, hash "
+            "FROM ledger_entries ORDER BY seq"
+        ).fetchall()
+        conn.execute(
+            "CREATE TABLE bench_rows (instance_id text, instance_seq integer, event_id text, "
+            "type text, occurred_at timestamptz, recorded_at timestamptz, payload text, "
+            "outcome text, reasons jsonb, result jsonb, policy_version text, prev_hash text, "
+            "hash text)"
+        )
+        conn.commit()
+        insert = f"INSERT INTO bench_rows VALUES ({', '.join(['%s'] * 13)})"
+        started = time.perf_counter()
+        with conn.cursor() as cur:
+            for chunk in data.iter_chunks(rows, 1000):
+                cur.executemany(insert, chunk)
+                conn.commit()
+        return len(rows), rate(len(rows), time.perf_counter() - started)
+
+
+def batched(ctx: Context) -> Result:
+    count = ctx.n(100_000, 1000)
+    lines = data.event_lines(count, prefix="b-")
+    ctx.log(f"celery batched: {count:,} events in messages of 500 …")
+    seconds, url, _ = _run_ledger(ctx, lines, 500)
+    try:
+        events_per_s = rate(count, seconds)
+        ctx.log(f"  {events_per_s:,.0f} events/s; baseline: raw executemany …")
+        rows, rows_per_s = _pg_baseline(url)
+    finally:
+        ctx.postgres.drop(url)
+    ratio = events_per_s / rows_per_s
+    return Result(
+        "celery_batched",
+        "batched messages",
+        f"{count:,} events in messages of 500, worker --concurrency 2: events/s end to end",
+        {"events": count, "seconds": round(seconds, 2), "events_per_s": round(events_per_s)},
+        {
+            "what": "the run's ledger rows, raw psycopg executemany into a plain table, "
+            "one connection, commit per 1,000",
+            "rows": rows,
+            "rows_per_s": round(rows_per_s),
+        },
+        ratio,
+        "ratio ≥ 0.3 and ≥ 10,000 events/s",
+        ratio >= 0.3 and events_per_s >= 10_000,
+        params={"concurrency": 2, "batch_size": 500, "publisher": "events.publish.enqueue_batches"},
+    )
+
+
+CELERY_SCENARIOS = {"celery_single": single, "celery_batched": batched}
+if not _pipeline_available():  # pragma: no cover - the pipeline ships with the project
+    CELERY_SCENARIOS = {}
