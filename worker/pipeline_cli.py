@@ -11,11 +11,8 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from contextlib import ExitStack
+from typing import Annotated, Any
 
 import typer
 
@@ -52,60 +49,6 @@ LogLevelOption = Annotated[
 # --- publish -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Line:
-    number: int
-    item: Any  # an Event or an EventRejection
-    raw: str | None
-
-
-def _lines(stream: BinaryIO, advance: Callable[[int], None]) -> Iterator[_Line]:
-    """Non-blank lines, parsed; a line that is not UTF-8 is an invalid event, not a crash."""
-    from events import parse_event
-
-    for number, data in enumerate(stream, 1):
-        advance(len(data))
-        try:
-            text: str | None = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        if text is None:
-            yield _Line(number, parse_event(data), None)
-        elif text.strip():
-            yield _Line(number, parse_event(text), text.rstrip("\r\n"))
-
-
-def _chunks(lines: Iterator[_Line], size: int) -> Iterator[list[_Line]]:
-    chunk: list[_Line] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-@contextmanager
-def _input(file: str) -> Iterator[tuple[BinaryIO, int | None, str]]:
-    from worker.cli import UserError
-
-    if file == "-":
-        yield sys.stdin.buffer, None, "stdin"
-        return
-    path = Path(file)
-    try:
-        stream = path.open("rb")
-    except OSError as exc:
-        raise UserError(f"cannot read {file}: {exc.strerror or exc}") from None
-    with stream:
-        try:
-            size: int | None = path.stat().st_size
-        except OSError:
-            size = None
-        yield stream, size, file
-
-
 def publish_command(
     ctx: typer.Context,
     file: Annotated[
@@ -139,14 +82,24 @@ def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_
     from ledger.service import ApplyResult, Ledger
     from ledger.settings import get_settings
     from worker import render
-    from worker.cli import UserError, progress_bar, runtime
+
+    # The input reading is apply's, so both commands treat every line alike.
+    from worker.cli import (
+        UserError,
+        _batches,
+        _Line,
+        _open_input,
+        _read_lines,
+        progress_bar,
+        runtime,
+    )
 
     run = runtime(ctx, db, as_json)
     broker_url = get_settings().broker_url
     queued = invalid = messages = 0
     listed: list[tuple[int, dict[str, Any]]] = []
     with ExitStack() as stack:
-        stream, size, label = stack.enter_context(_input(file))
+        stream, size, label = stack.enter_context(_open_input(file))
         ledger: Ledger | None = None
 
         def dead_letter(lines: list[_Line]) -> list[ApplyResult]:
@@ -161,7 +114,7 @@ def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_
         bar = stack.enter_context(
             progress_bar(show_progress, size, f"publishing {label}", in_bytes=True)
         )
-        for chunk in _chunks(_lines(stream, bar), batch_size):
+        for chunk in _batches(_read_lines(stream, bar), batch_size):
             good = [line for line in chunk if isinstance(line.item, BaseEvent)]
             bad = [line for line in chunk if not isinstance(line.item, BaseEvent)]
             if good:
