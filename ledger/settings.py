@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -25,8 +26,32 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=300.0, gt=0)
     # How many due instances one sweep transaction expires.
     sweep_chunk_size: int = Field(default=500, ge=1)
-    # ``scope:token`` pairs, comma separated (scopes: read, ingest).
-    api_tokens: str = ""
+    # ``scope:token`` pairs, comma separated (scopes: read, ingest, metrics). A SecretStr, so
+    # that a repr of the settings, a validation error or a debugger never shows the tokens.
+    api_tokens: SecretStr = SecretStr("")
+
+    # --- the HTTP API's own limits (docs/security.md) ----------------------------------------
+    # Events one POST /v1/events may carry; a request over it is refused whole (413) and kept
+    # as ONE dead letter. Counted before any event is parsed, so a body of millions of tiny
+    # lines costs a scan, not a parse per line.
+    api_max_events_per_request: int = Field(default=10_000, ge=1, le=100_000)
+    # Seconds a client may take to send a whole request body once the app starts reading it;
+    # a stalled upload gets a 408 and its connection is closed.
+    api_body_timeout: float = Field(default=60.0, gt=0)
+    # uvicorn: connections + running requests before new requests get a 503 (None: no limit),
+    # and seconds an idle keep-alive connection is kept open.
+    api_limit_concurrency: int | None = Field(default=200, ge=1)
+    api_keep_alive_timeout: int = Field(default=5, ge=1)
+    # Host headers the API answers (TrustedHostMiddleware; "*" = any, "*.example.com" allowed);
+    # comma separated in the environment. Anything else is a 400.
+    api_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    # Swagger UI at /docs loads its script from a CDN: off unless asked for (/openapi.json is
+    # always served).
+    api_docs: bool = False
+    # The ops page: how long a sign-in lasts on the server, and sign-in attempts per client
+    # address and minute (429 beyond).
+    ui_session_lifetime: int = Field(default=12 * 3600, ge=60)
+    ui_login_attempts_per_minute: int = Field(default=10, ge=1)
 
     # --- the Celery pipeline (worker/celery_app.py; README "Celery settings") ---------------
     # Seconds a delivered, unacknowledged message stays invisible before Redis hands it to
@@ -54,6 +79,13 @@ class Settings(BaseSettings):
     # Celery beat's schedule file (None: a fresh temporary file per beat process; the sweep is
     # idempotent, so losing the last-run time costs at most one extra, harmless sweep).
     beat_schedule_file: Path | None = None
+
+    @field_validator("api_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
 
 
 @lru_cache(maxsize=1)

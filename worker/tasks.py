@@ -7,8 +7,9 @@ Failure handling (README "Architecture"):
 
 * a malformed element (not JSON, not an object, invalid event) is dead-lettered by the ledger
   like any invalid line, and the rest of the message is applied;
-* a message of the wrong shape (not one JSON array, an element that is neither an object nor a
-  string) is dead-lettered whole as ``invalid_event``, raw = the JSON of what arrived;
+* a message of the wrong shape (not one JSON array, more than ``MAX_BATCH_SIZE`` events, an
+  element that is neither an object nor a string) is dead-lettered whole as ``invalid_event``,
+  raw = the JSON of what arrived;
 * a transient database or broker error is retried by Celery with exponential backoff and full
   jitter (``max_retries``, ``retry_backoff``, ``retry_backoff_max``);
 * any other exception — or a transient one that outlived the retries — dead-letters every
@@ -208,6 +209,14 @@ def _decode(kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> _Message:
         if not isinstance(value, list):
             return _shape_error(
                 f"{kind} expects a JSON array of events, got {_json_type(value)}", value
+            )
+        if len(value) > MAX_BATCH_SIZE:
+            # The wire contract is 1-1000 events a message; a bigger one (a foreign publisher's
+            # bug or abuse) is ONE dead letter, not one parse and one row per element.
+            return _shape_error(
+                f"{kind} carries {len(value)} events, more than {MAX_BATCH_SIZE} a message: "
+                "refused whole; publish smaller messages",
+                value,
             )
         elements = value
     else:

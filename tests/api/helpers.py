@@ -37,6 +37,15 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def ui_login(client: Any, token: str = READ_TOKEN, next_path: str = "/ui/") -> Any:
+    """Sign in to the ops page through its form (the client keeps the session cookie)."""
+    return client.post(
+        "/ui/login",
+        data={"token": token, "next": next_path},
+        follow_redirects=False,
+    )
+
+
 READ = auth(READ_TOKEN)
 INGEST = auth(INGEST_TOKEN)
 

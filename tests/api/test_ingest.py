@@ -93,7 +93,7 @@ def test_enqueued_messages_are_apply_batch_tasks(client, redis_url: str) -> None
     events = _events(1201, prefix="many")
     response = client.post("/v1/events", json=events, headers=INGEST)
     assert response.status_code == 202
-    assert response.json() == {"accepted": 1201, "invalid": []}
+    assert response.json() == {"accepted": 1201, "invalid": [], "invalid_count": 0}
     assert queue_length(redis_url) == 3  # batches of 500
 
     connection = redis.Redis.from_url(redis_url)
@@ -223,11 +223,12 @@ def test_jsonl_odd_lines_are_dead_lettered_not_500(client, engine: Engine) -> No
 def test_empty_array_and_all_invalid(client, redis_url: str) -> None:
     response = client.post("/v1/events", json=[], headers=INGEST)
     assert response.status_code == 202
-    assert response.json() == {"accepted": 0, "invalid": []}
+    assert response.json() == {"accepted": 0, "invalid": [], "invalid_count": 0}
     response = client.post("/v1/events", json=[{}, []], headers=INGEST)
     assert response.status_code == 202
     assert response.json()["accepted"] == 0
     assert len(response.json()["invalid"]) == 2
+    assert response.json()["invalid_count"] == 2
     assert queue_length(redis_url) == 0
 
 

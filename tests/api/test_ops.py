@@ -42,14 +42,15 @@ def test_readyz_ok(client) -> None:
 
 
 def test_readyz_names_the_broker_when_it_is_down(make_client, engine) -> None:
-    client = make_client(broker_url=f"redis://127.0.0.1:{closed_port()}/0")
+    port = closed_port()
+    client = make_client(broker_url=f"redis://127.0.0.1:{port}/0")
     response = client.get("/readyz")
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "unavailable"
-    assert body["checks"]["database"] == "ok"
-    assert body["checks"]["broker"].startswith("error: ")
+    assert body["checks"] == {"database": "ok", "broker": "error"}
     assert body["message"] == "unreachable: broker"
+    assert str(port) not in response.text  # where it is and why: the log's business
     # The process is still alive, and queries still work without the broker.
     assert client.get("/healthz").status_code == 200
     assert client.get("/v1/instances", headers=READ).status_code == 200
@@ -63,8 +64,7 @@ def test_readyz_names_the_database_when_it_is_down(make_client, postgres_url: st
     response = client.get("/readyz")
     assert response.status_code == 503
     body = response.json()
-    assert body["checks"]["broker"] == "ok"
-    assert body["checks"]["database"].startswith("error: ")
+    assert body["checks"] == {"database": "error", "broker": "ok"}
     assert body["message"] == "unreachable: database"
     response = client.get(f"/v1/instances/{SCENARIO.web}", headers=READ)
     assert response.status_code == 503
@@ -202,8 +202,9 @@ def test_openapi_is_served_and_responses_conform(client) -> None:
     _validate(doc, "/v1/rejected", "get", client.get("/v1/rejected", headers=READ))
 
 
-def test_docs_page_is_served(client) -> None:
-    response = client.get("/docs")
+def test_docs_page_is_off_unless_asked_for(client, make_client) -> None:
+    assert client.get("/docs").status_code == 404
+    json.dumps(client.get("/openapi.json").json())  # the document itself is always there
+    response = make_client(api_docs=True).get("/docs")
     assert response.status_code == 200
     assert "openapi.json" in response.text
-    json.dumps(client.get("/openapi.json").json())  # serialisable

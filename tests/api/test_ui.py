@@ -7,17 +7,18 @@ import re
 
 import pytest
 
-from tests.api.helpers import AT, INGEST_TOKEN, READ, READ_TOKEN, SCENARIO, WRONG_TOKEN
+from tests.api.helpers import (
+    AT,
+    BOTH_TOKEN,
+    INGEST_TOKEN,
+    READ,
+    READ_TOKEN,
+    SCENARIO,
+    WRONG_TOKEN,
+)
+from tests.api.helpers import ui_login as login
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def login(client, token: str = READ_TOKEN, next_path: str = "/ui/"):
-    return client.post(
-        "/ui/login",
-        data={"token": token, "next": next_path},
-        follow_redirects=False,
-    )
 
 
 def test_pages_redirect_to_login_without_a_token(client) -> None:
@@ -37,7 +38,8 @@ def test_login_sets_a_strict_httponly_cookie(client) -> None:
     assert response.status_code == 303
     assert response.headers["location"] == f"/ui/instances/{SCENARIO.web}"
     cookie = response.headers["set-cookie"]
-    assert cookie.startswith("quota_ledger_token=")
+    assert cookie.startswith("quota_ledger_session=")
+    assert READ_TOKEN not in cookie  # a server-side session id, never the token itself
     lowered = cookie.lower()
     assert "httponly" in lowered
     assert "samesite=strict" in lowered
@@ -59,6 +61,11 @@ def test_login_refuses_wrong_and_ingest_tokens(client) -> None:
     response = login(client, INGEST_TOKEN)
     assert response.status_code == 403
     assert "read scope" in response.text
+    # A token that can also ingest is not for a browser: read-only tokens only.
+    response = login(client, BOTH_TOKEN)
+    assert response.status_code == 403
+    assert "set-cookie" not in response.headers
+    assert "read-only token" in response.text
     response = client.post("/ui/login", content=b"\xff\xfe=\x00&&&", follow_redirects=False)
     assert response.status_code == 401
     response = client.post("/ui/login", content=b"&" * 50, follow_redirects=False)
@@ -75,9 +82,17 @@ def test_login_never_redirects_off_the_page(client, target: str) -> None:
     assert response.headers["location"] == "/ui/"
 
 
-def test_a_cookie_with_an_ingest_token_is_forbidden(client) -> None:
-    client.cookies.set("quota_ledger_token", INGEST_TOKEN, path="/ui")
+@pytest.mark.parametrize("token", [READ_TOKEN, INGEST_TOKEN])
+def test_a_cookie_holding_a_token_is_no_session(client, token: str) -> None:
+    for name in ("quota_ledger_session", "quota_ledger_token"):
+        client.cookies.set(name, token, path="/ui")
     response = client.get("/ui/", follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"].startswith("/ui/login?next=")
+
+
+def test_a_bearer_token_without_read_is_forbidden(client) -> None:
+    response = client.get("/ui/", headers={"Authorization": f"Bearer {INGEST_TOKEN}"})
     assert response.status_code == 403
     assert "text/html" in response.headers["content-type"]
 

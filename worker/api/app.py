@@ -11,14 +11,17 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from ledger.db import make_engine
 from ledger.policy import load_policy
 from ledger.settings import Settings, get_settings
 from worker.api import routes, ui
 from worker.api.auth import Authenticator, parse_tokens
-from worker.api.broker import events_queue_name
+from worker.api.broker import close_clients, events_queue_name
 from worker.api.deps import ApiState
 from worker.api.errors import (
     DATABASE_ERRORS,
@@ -29,7 +32,12 @@ from worker.api.errors import (
     internal_error_handler,
     validation_error_handler,
 )
-from worker.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from worker.api.middleware import (
+    BodyLimitMiddleware,
+    RequestMetricsMiddleware,
+    SecurityHeadersMiddleware,
+)
+from worker.api.sessions import RateLimiter, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,8 @@ The ICP filing quota ledger over HTTP: the same JSON as the CLI's `--json` (SPEC
   `?cursor=<next_cursor of the previous page>`; `next_cursor` is null on the last page.
 * Errors are `{"error": code, "message": text}` with a 4xx status for bad input, 503 when the
   database or broker is unreachable.
-* `/healthz`, `/readyz` and `/metrics` need no token. The ops page is at `/ui/`.
+* `/healthz` and `/readyz` need no token; `/metrics` needs one with the `metrics` scope once
+  such a token is configured. The ops page is at `/ui/`. Threat model: docs/security.md.
 """
 
 
@@ -62,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     schema is brought to head at startup if the database answers, else on first use.
     """
     settings = settings or get_settings()
-    tokens = parse_tokens(settings.api_tokens)
+    tokens = parse_tokens(_secret_text(settings.api_tokens))
     policy = load_policy(settings.policy_file)
     engine = make_engine(settings.database_url)
     state = ApiState(
@@ -71,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         policy=policy,
         engine=engine,
         queue=events_queue_name(),
+        sessions=SessionStore(settings.ui_session_lifetime),
+        login_limiter=RateLimiter(settings.ui_login_attempts_per_minute, 60.0),
     )
     if not tokens:
         log.warning("QUOTA_LEDGER_API_TOKENS is empty: every /v1 endpoint and /ui/ answer 401")
@@ -85,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             engine.dispose()
+            close_clients()
 
     app = FastAPI(
         title="quota-ledger",
@@ -93,21 +105,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=_version(),
         lifespan=lifespan,
         default_response_class=ApiJSONResponse,
-        docs_url="/docs",
+        # Swagger UI loads its script from a CDN (no pinning, no SRI, same origin as /ui): only
+        # when asked for. /openapi.json is always there.
+        docs_url="/docs" if settings.api_docs else None,
         redoc_url=None,
         openapi_url="/openapi.json",
+        # Starlette's slash redirects are absolute URLs built from the Host header; the one
+        # redirect people need (/ui → /ui/) is a relative route of its own.
+        redirect_slashes=False,
     )
     app.state.api = state
 
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(ui.LoginRequired, ui.login_required_handler)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect_handler)
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, _database_handler)
     app.add_exception_handler(Exception, internal_error_handler)
 
-    # Outermost first: metrics see every answer, the body limit guards everything inside.
-    app.add_middleware(BodyLimitMiddleware)
+    # Added innermost first: metrics see every answer (a refused Host included), every answer
+    # gets the security headers, and the body limit guards everything inside.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        path_limits={path: ui.MAX_LOGIN_BODY for path in ui.SMALL_FORM_PATHS},
+        body_timeout=settings.api_body_timeout,
+    )
+    app.add_middleware(
+        TrustedHostMiddleware, allowed_hosts=settings.api_allowed_hosts, www_redirect=False
+    )
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware)
 
     app.include_router(routes.api)
@@ -115,6 +142,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")
     return app
+
+
+def _secret_text(value: SecretStr | str) -> str:
+    # ``Settings.model_copy(update=...)`` does not validate, so a plain str may arrive too.
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+async def _client_disconnect_handler(request: Request, exc: Exception) -> Response:
+    # The client went away mid-request (an aborted upload): nothing failed here, and nobody is
+    # listening for an answer. 499 is nginx's "client closed request", for the metrics.
+    log.debug("client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=499)
 
 
 async def _http_error_handler(request: Request, exc: Exception) -> Response:

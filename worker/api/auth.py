@@ -12,7 +12,8 @@ import hmac
 import re
 from dataclasses import dataclass
 
-SCOPES = ("read", "ingest")
+# ``metrics``: optional; once any token has it, GET /metrics needs one of those tokens.
+SCOPES = ("read", "ingest", "metrics")
 MIN_TOKEN_CHARS = 16
 # RFC 6750 ``b64token`` characters: what may follow "Bearer " in an Authorization header.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/=-]+")
@@ -57,7 +58,8 @@ def parse_tokens(text: str) -> tuple[ApiToken, ...]:
         if scope not in SCOPES:
             # The scope is not echoed: someone who wrote token:scope would see the token in logs.
             raise TokenConfigError(
-                f"{where} has an unknown scope (expected {' or '.join(SCOPES)} before the ':')"
+                f"{where} has an unknown scope (expected {', '.join(SCOPES[:-1])} or {SCOPES[-1]} "
+                "before the ':')"
             )
         if not token:
             raise TokenConfigError(f"{where} ({scope}) has an empty token")
@@ -83,6 +85,10 @@ class Authenticator:
     @property
     def configured(self) -> bool:
         return bool(self._tokens)
+
+    def has_scope(self, scope: str) -> bool:
+        """Whether any configured token carries ``scope``."""
+        return any(token.scope == scope for token in self._tokens)
 
     def scopes(self, presented: str | None) -> frozenset[str] | None:
         """The scopes of ``presented``, or None when it is missing or matches no token."""

@@ -3,7 +3,7 @@ queue (``/metrics``). Publishing itself is ``events.publish``'s job."""
 
 from __future__ import annotations
 
-from contextlib import closing
+import threading
 from urllib.parse import urlsplit
 
 QUEUE_EVENTS_DEFAULT = "quota_ledger.events"
@@ -26,24 +26,47 @@ def is_redis_url(url: str) -> bool:
     return urlsplit(url).scheme in ("redis", "rediss", "redis+socket", "unix")
 
 
+# One client (and so one small connection pool) per broker URL for the life of the process:
+# every /readyz, /metrics scrape and ingest check reuses its connection instead of opening a
+# new TCP connection to Redis each time. redis-py's pool is thread-safe and reconnects by itself
+# after a Redis restart.
+_clients: dict[str, object] = {}
+_clients_lock = threading.Lock()
+
+
 def _redis_client(url: str):  # -> redis.Redis
     import redis
 
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=CHECK_TIMEOUT_S,
-        socket_timeout=CHECK_TIMEOUT_S,
-        retry_on_timeout=False,
-    )
+    with _clients_lock:
+        client = _clients.get(url)
+        if client is None:
+            target = url
+            if target.startswith("redis+socket://"):
+                target = "unix://" + target.removeprefix("redis+socket://")
+            client = redis.Redis.from_url(
+                target,
+                socket_connect_timeout=CHECK_TIMEOUT_S,
+                socket_timeout=CHECK_TIMEOUT_S,
+                retry_on_timeout=False,
+                health_check_interval=30,
+            )
+            _clients[url] = client
+        return client
+
+
+def close_clients() -> None:
+    """Close the cached Redis clients (at shutdown)."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        client.close()  # type: ignore[attr-defined]
 
 
 def check_broker(url: str) -> None:
     """Raise if the broker does not answer (Redis: PING; others: a kombu connection)."""
     if is_redis_url(url):
-        with closing(_redis_client(url)) as client:
-            client.ping()
+        _redis_client(url).ping()
         return
     from kombu import Connection
 
@@ -56,8 +79,7 @@ def queue_depth(url: str, queue: str) -> int | None:
     if not is_redis_url(url):
         return None
     keys = [queue] + [f"{queue}{_PRIORITY_SEP}{step}" for step in _PRIORITY_STEPS]
-    with closing(_redis_client(url)) as client:
-        pipe = client.pipeline(transaction=False)
-        for key in keys:
-            pipe.llen(key)
-        return int(sum(pipe.execute()))
+    pipe = _redis_client(url).pipeline(transaction=False)
+    for key in keys:
+        pipe.llen(key)
+    return int(sum(pipe.execute()))

@@ -18,6 +18,7 @@ from ledger.policy import Policy
 from ledger.settings import Settings
 from worker.api.auth import Authenticator
 from worker.api.errors import ApiError
+from worker.api.sessions import RateLimiter, SessionStore
 
 REALM = 'Bearer realm="quota-ledger"'
 # SPEC §5: instance ids are 1–128 of [A-Za-z0-9._:-]; issued service numbers at most 64 of
@@ -34,6 +35,8 @@ class ApiState:
     policy: Policy
     engine: Engine
     queue: str
+    sessions: SessionStore
+    login_limiter: RateLimiter
     _schema_ready: bool = False
     _schema_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,6 +101,19 @@ def require_scope(scope: str):
             )
 
     return check
+
+
+_metrics_scope = require_scope("metrics")
+
+
+async def metrics_guard(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+) -> None:
+    """/metrics stays open (for a scraper on a private network) until a token with the
+    ``metrics`` scope is configured; from then on it needs such a token."""
+    if api_state(request).auth.has_scope("metrics"):
+        await _metrics_scope(request, credentials)
 
 
 def db_session(request: Request) -> Iterator[Session]:

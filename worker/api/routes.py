@@ -32,12 +32,14 @@ from worker.api.deps import (
     ApiState,
     api_state,
     db_session,
+    metrics_guard,
     now_utc,
     parse_time_param,
     require_scope,
 )
 from worker.api.errors import ApiError, ApiJSONResponse, clip, error_body, quoted
 from worker.api.ingest import BodyError, UnsupportedMediaType, body_format, parse_body
+from worker.api.ingest_limits import over_event_limit, oversize_rejection
 from worker.api.metrics import INGESTED
 from worker.api.pagination import decode_cursor, encode_cursor
 
@@ -47,6 +49,9 @@ ELIGIBILITY_STATUSES = ("eligible", "ineligible", "unknown", "not_needed", "not_
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 ENQUEUE_BATCH = 500
+# Invalid events listed in a POST /v1/events answer; ``invalid_count`` has the total and every
+# one of them is in the dead-letter store (GET /v1/rejected).
+MAX_INVALID_LISTED = 100
 # Longer than events.publish's own retry policy (about 20 s), so that it decides: a request never
 # gives up while its publish may still go through.
 ENQUEUE_TIMEOUT_S = 30.0
@@ -263,13 +268,14 @@ def _first_line(exc: BaseException) -> str:
     return clip(text_.splitlines()[0] if text_ else type(exc).__name__, 200)
 
 
-def _broker_unavailable(problem: str) -> Response:
+def _broker_unavailable() -> Response:
+    # The cause (host, port, driver error) goes to the log, never to the client.
     return ApiJSONResponse(
         error_body(
             "broker_unavailable",
-            f"could not enqueue the events ({problem}); no event of this request was "
-            "dead-lettered: retry the whole request (re-sent events are duplicates, which the "
-            "ledger answers idempotently)",
+            "could not enqueue the events: the broker is unreachable; no event of this request "
+            "was dead-lettered: retry the whole request (re-sent events are duplicates, which "
+            "the ledger answers idempotently)",
         ),
         503,
         headers={"Retry-After": "5"},
@@ -286,7 +292,11 @@ def _broker_unavailable(problem: str) -> Response:
         400: {"model": schemas.Error, "description": "The body is not a JSON array nor JSONL"},
         401: _ERRORS[401],
         403: _ERRORS[403],
-        413: {"model": schemas.Error, "description": "Body over 5 MiB"},
+        413: {
+            "model": schemas.Error,
+            "description": "Body over 5 MiB, or more events than the limit per request "
+            "(too_many_events: refused whole, kept as one dead letter)",
+        },
         415: {"model": schemas.Error, "description": "Unsupported Content-Type"},
         503: {"model": schemas.Error, "description": "Broker or database unreachable"},
     },
@@ -301,6 +311,15 @@ async def post_events(request: Request, state: ApiState = Depends(api_state)) ->
         fmt = body_format(request.headers.get("content-type"), body)
     except UnsupportedMediaType as exc:
         raise ApiError(415, "unsupported_media_type", str(exc)) from None
+    limit = state.settings.api_max_events_per_request
+    if await _blocking(over_event_limit, body, fmt, limit):
+        await _dead_letter(state, [oversize_rejection(body, limit)])
+        raise ApiError(
+            413,
+            "too_many_events",
+            f"the request holds more than {limit} events (the limit per request); it was "
+            "refused whole (nothing enqueued, kept as one dead letter): split it",
+        )
     try:
         items = await _blocking(parse_body, body, fmt)
     except BodyError as exc:
@@ -319,7 +338,8 @@ async def post_events(request: Request, state: ApiState = Depends(api_state)) ->
         # publisher's whole retry policy.
         problem = await _run_check(broker.check_broker, state.settings.broker_url)
         if problem != "ok":
-            return _broker_unavailable(problem.removeprefix("error: "))
+            log.warning("broker unreachable, events not enqueued: %s", problem)
+            return _broker_unavailable()
         try:
             from events.publish import enqueue_batches
 
@@ -332,18 +352,12 @@ async def post_events(request: Request, state: ApiState = Depends(api_state)) ->
             )
         except Exception as exc:
             log.warning("enqueue failed: %s", _first_line(exc), exc_info=exc)
-            return _broker_unavailable(_first_line(exc) if str(exc) else "timed out")
+            return _broker_unavailable()
         for event in events:
             INGESTED.labels(type=event.type).inc()
 
     if rejected:
-        ledger = Ledger(state.engine, state.policy)
-        await _blocking(state.ensure_schema)
-        results = await _blocking(ledger.apply, [item.parsed for item in rejected])
-        for result in results:
-            metrics.EVENTS.labels(type="unknown", outcome=result.outcome).inc()
-            if result.outcome == "invalid" and result.reasons:
-                metrics.DEAD_LETTERS.labels(code=result.reasons[0]).inc()
+        await _dead_letter(state, [item.parsed for item in rejected])
 
     invalid = [
         {
@@ -352,10 +366,23 @@ async def post_events(request: Request, state: ApiState = Depends(api_state)) ->
             "error": item.parsed.error,
             "event_id": item.parsed.event_id,
         }
-        for item in rejected
+        for item in rejected[:MAX_INVALID_LISTED]
         if isinstance(item.parsed, EventRejection)
     ]
-    return ApiJSONResponse({"accepted": len(events), "invalid": invalid}, 202)
+    return ApiJSONResponse(
+        {"accepted": len(events), "invalid": invalid, "invalid_count": len(rejected)}, 202
+    )
+
+
+async def _dead_letter(state: ApiState, rejections: list[Any]) -> None:
+    """Store rejections through ``Ledger.apply`` (the path ``apply`` uses) and count them."""
+    ledger = Ledger(state.engine, state.policy)
+    await _blocking(state.ensure_schema)
+    results = await _blocking(ledger.apply, rejections)
+    for result in results:
+        metrics.EVENTS.labels(type="unknown", outcome=result.outcome).inc()
+        if result.outcome == "invalid" and result.reasons:
+            metrics.DEAD_LETTERS.labels(code=result.reasons[0]).inc()
 
 
 # --- operations ----------------------------------------------------------------------------------
@@ -393,7 +420,7 @@ async def _run_check(func: Any, *args: Any) -> str:
 )
 async def readyz(state: ApiState = Depends(api_state)) -> Response:
     """The database (schema at head) and the broker both answer; 503 naming the one that
-    does not."""
+    does not (``"error"``; why is logged, not shown: this route needs no token)."""
     checks: dict[str, str] = {}
 
     async def run(name: str, func: Any, *args: Any) -> None:
@@ -402,14 +429,16 @@ async def readyz(state: ApiState = Depends(api_state)) -> Response:
     async with anyio.create_task_group() as group:
         group.start_soon(run, "database", _check_database, state)
         group.start_soon(run, "broker", broker.check_broker, state.settings.broker_url)
-    checks = {name: checks[name] for name in ("database", "broker")}
-    failed = [name for name, result in checks.items() if result != "ok"]
+    failed = [name for name in ("database", "broker") if checks[name] != "ok"]
+    for name in failed:  # the cause (host, port, driver error) is for the log only
+        log.warning("readiness: %s %s", name, checks[name])
+    public = {name: "error" if name in failed else "ok" for name in ("database", "broker")}
     if not failed:
-        return ApiJSONResponse({"status": "ready", "checks": checks})
+        return ApiJSONResponse({"status": "ready", "checks": public})
     return ApiJSONResponse(
         {
             "status": "unavailable",
-            "checks": checks,
+            "checks": public,
             "error": "not_ready",
             "message": f"unreachable: {', '.join(failed)}",
         },
@@ -419,11 +448,13 @@ async def readyz(state: ApiState = Depends(api_state)) -> Response:
 
 @ops.get(
     "/metrics",
+    dependencies=[Depends(metrics_guard)],
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
 )
 async def prometheus_metrics(request: Request, state: ApiState = Depends(api_state)) -> Response:
-    """Prometheus metrics of this process; the events queue depth is measured on each scrape."""
+    """Prometheus metrics of this process; the events queue depth is measured on each scrape.
+    Open unless a token with the ``metrics`` scope is configured; then it needs one."""
     started = time.monotonic()
     try:
         depth = await _blocking(

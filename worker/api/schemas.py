@@ -162,7 +162,10 @@ class InvalidEvent(_Model):
 
 class IngestResult(_Model):
     accepted: int = Field(description="Valid events enqueued for the worker")
-    invalid: list[InvalidEvent] = Field(description="Invalid events, dead-lettered")
+    invalid: list[InvalidEvent] = Field(
+        description="The first 100 invalid events, in input order (all are dead-lettered)"
+    )
+    invalid_count: int = Field(description="How many events were invalid in all")
 
 
 class ErrorDetail(_Model):

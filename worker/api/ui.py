@@ -4,15 +4,18 @@ It shows exactly what the API returns — the dicts of ``ledger.views`` — laid
 the eligibility badge with every reason in Chinese and English and its remediation, the slots as
 bars, the service numbers, the filings and the ledger timeline.
 
-Access needs a token with the ``read`` scope, entered once at ``/ui/login`` and kept in an
-``HttpOnly``, ``SameSite=Strict`` cookie scoped to ``/ui`` (``Secure`` when served over HTTPS).
+Access needs a token with the ``read`` scope and no other, entered once at ``/ui/login``; the
+browser then holds a random server-side session id (``worker.api.sessions``, never the token) in
+an ``HttpOnly``, ``SameSite=Strict`` cookie scoped to ``/ui`` (``Secure`` when served over
+HTTPS). Signing out revokes the session on the server. The sign-in and sign-out forms refuse
+cross-site posts and sign-in attempts are rate-limited per client address (docs/security.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import jinja2
 from fastapi import APIRouter, Depends, Query, Request
@@ -39,10 +42,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = PACKAGE_DIR / "templates"
 STATIC_DIR = PACKAGE_DIR / "static"
 
-COOKIE_NAME = "quota_ledger_token"
+COOKIE_NAME = "quota_ledger_session"
 COOKIE_PATH = "/ui"
-COOKIE_MAX_AGE_S = 12 * 3600
+# The sign-in and sign-out forms send a token and a path: anything longer is refused before it
+# is read (BodyLimitMiddleware's per-path limit).
 MAX_LOGIN_BODY = 8 * 1024
+SMALL_FORM_PATHS = (COOKIE_PATH + "/login", COOKIE_PATH + "/logout")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -143,20 +149,49 @@ def is_ui_request(request: Request) -> bool:
     )
 
 
-def _presented_token(request: Request) -> str | None:
-    return bearer_token(request.headers.get("authorization")) or request.cookies.get(COOKIE_NAME)
+def _signed_in(request: Request) -> bool:
+    """A bearer token with the read scope (tools), or a live session cookie (people)."""
+    state = api_state(request)
+    token = bearer_token(request.headers.get("authorization"))
+    if token is not None:
+        scopes = state.auth.scopes(token)
+        if scopes is not None and "read" not in scopes:
+            raise ApiError(403, "forbidden", "this token lacks the 'read' scope")
+        return scopes is not None
+    return state.sessions.valid(request.cookies.get(COOKIE_NAME))
 
 
 def require_read(request: Request) -> None:
-    state = api_state(request)
-    scopes = state.auth.scopes(_presented_token(request))
-    if scopes is None:
+    if not _signed_in(request):
         target = request.url.path
         if request.url.query:
             target += "?" + request.url.query
         raise LoginRequired(target)
-    if "read" not in scopes:
-        raise ApiError(403, "forbidden", "this token lacks the 'read' scope")
+
+
+def _origin_key(scheme: str, netloc: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(f"{scheme}://{netloc}")
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        port = -1
+    return scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def require_same_origin(request: Request) -> None:
+    """Refuse a form post made from another site (forced sign-in or sign-out): browsers say
+    where a post comes from in ``Sec-Fetch-Site`` and ``Origin``. A client that sends neither
+    (curl, a script) is not a browser being abused and may post."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site.lower() not in ("same-origin", "none"):
+        raise ApiError(403, "cross_origin", "This form only accepts posts from this page.")
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    scheme, _, netloc = origin.partition("://")
+    own = _origin_key(request.url.scheme, request.headers.get("host", ""))
+    if origin == "null" or _origin_key(scheme, netloc) != own:
+        raise ApiError(403, "cross_origin", "This form only accepts posts from this page.")
 
 
 def _safe_next(request: Request, value: str | None) -> str:
@@ -213,9 +248,10 @@ def error_page(
         422: "Invalid request",
         503: "Service unavailable",
     }
-    authenticated = (
-        status_code != 403 and api_state(request).auth.scopes(_presented_token(request)) is not None
-    )
+    try:
+        authenticated = status_code != 403 and _signed_in(request)
+    except ApiError:  # a bearer token without the read scope
+        authenticated = False
     return _page(
         request,
         "error.html",
@@ -242,22 +278,46 @@ def login_form(request: Request, next: str | None = Query(None)) -> Response:
     )
 
 
-@router.post("/login")
+@router.get("")
+def ui_root(request: Request) -> Response:
+    # Relative on purpose: a Location built from the Host header could point anywhere.
+    return RedirectResponse(ui_path(request, "/"), status_code=307)
+
+
+@router.post("/login", dependencies=[Depends(require_same_origin)])
 async def login(request: Request) -> Response:
-    body = await request.body()
+    state = api_state(request)
+    client = request.client.host if request.client else "unknown"
+    retry_after = state.login_limiter.hit(client)
+    if retry_after is not None:
+        return _page(
+            request,
+            "login.html",
+            {
+                "next": ui_path(request, "/"),
+                "error": "Too many sign-in attempts from this address; try again in a minute.",
+                "authenticated": False,
+            },
+            status_code=429,
+            headers={"Retry-After": str(max(int(retry_after + 0.999), 1))},
+        )
+    body = await request.body()  # at most MAX_LOGIN_BODY: BodyLimitMiddleware
     try:
-        fields = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", "replace"), max_num_fields=10)
+        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
     except ValueError:  # more fields than any login form sends
         fields = {}
     token = (fields.get("token") or [""])[0].strip()
     next_path = _safe_next(request, (fields.get("next") or [None])[0])
-    scopes = api_state(request).auth.scopes(token)
-    if scopes is None or "read" not in scopes:
-        error = (
-            "This token does not have the read scope."
-            if scopes is not None
-            else "Unknown token. Use a token with the read scope from QUOTA_LEDGER_API_TOKENS."
-        )
+    scopes = state.auth.scopes(token)
+    # Read-only tokens only: a token that can also ingest (or scrape metrics) is not to be
+    # typed into a browser, whose session would then stand for more than reading this page.
+    if scopes != frozenset({"read"}):
+        if scopes is None:
+            error = "Unknown token. Use a token with the read scope from QUOTA_LEDGER_API_TOKENS."
+        elif "read" in scopes:
+            error = "This token has more than the read scope; sign in with a read-only token."
+        else:
+            error = "This token does not have the read scope."
         return _page(
             request,
             "login.html",
@@ -267,8 +327,8 @@ async def login(request: Request) -> Response:
     response = RedirectResponse(next_path, status_code=303)
     response.set_cookie(
         COOKIE_NAME,
-        token,
-        max_age=COOKIE_MAX_AGE_S,
+        state.sessions.create(),
+        max_age=int(state.sessions.lifetime_s),
         path=ui_path(request, ""),
         httponly=True,
         samesite="strict",
@@ -277,8 +337,9 @@ async def login(request: Request) -> Response:
     return response
 
 
-@router.post("/logout")
+@router.post("/logout", dependencies=[Depends(require_same_origin)])
 def logout(request: Request) -> Response:
+    api_state(request).sessions.revoke(request.cookies.get(COOKIE_NAME))
     response = RedirectResponse(ui_path(request, "/login"), status_code=303)
     response.delete_cookie(COOKIE_NAME, path=ui_path(request, ""), httponly=True, samesite="strict")
     return response
