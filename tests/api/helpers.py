@@ -1,17 +1,22 @@
-"""Shared by the API and browser tests: tokens, a ledger scenario, a private Redis database and
-a live uvicorn server."""
+"""Shared by the API and browser tests: tokens, a ledger scenario, a private Redis database, a
+live uvicorn server in a thread, and a real ``quota-ledger serve`` process."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import redis
 from sqlalchemy.engine import Engine
 
@@ -136,9 +141,7 @@ def queue_length(redis_url: str, queue: str = QUEUE) -> int:
 
 def closed_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 # --- a live server ---------------------------------------------------------------------------
@@ -167,3 +170,91 @@ def live_server(app: Any, timeout: float = 20.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+# --- a real `quota-ledger serve` process ------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any QUOTA_LEDGER_* setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTA_LEDGER_")}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class ServeProcess:
+    """A running ``quota-ledger serve``: its URL, process and everything it printed."""
+
+    base_url: str
+    port: int
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def rss_bytes(self) -> int:
+        """The server's resident memory now (Linux /proc)."""
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+
+@contextlib.contextmanager
+def serve_process(
+    db_url: str,
+    settings: Mapping[str, str] | None = None,
+    *,
+    args: tuple[str, ...] = (),
+    timeout: float = 30.0,
+) -> Iterator[ServeProcess]:
+    """Start ``python -m worker serve`` (the ``quota-ledger serve`` entry point) on a free
+    127.0.0.1 port with exactly the given ``QUOTA_LEDGER_*`` settings; wait for /healthz; stop
+    it with SIGTERM (SIGKILL after 20 s) on exit. Output is collected in ``lines``."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "serve", "--port", str(port), "--db", db_url, *args],
+        env=serve_env(**dict(settings or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    server = ServeProcess(f"http://127.0.0.1:{port}", port, proc)
+
+    def collect() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            server.lines.append(line)
+
+    reader = threading.Thread(target=collect, name="serve-output", daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{server.base_url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, server.output()
+            assert time.monotonic() < deadline, f"serve did not come up: {server.output()}"
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        reader.join(10)

@@ -317,3 +317,20 @@ def test_a_decoding_defect_still_dead_letters_the_message(app, sqlite_url, monke
         ("processing_error", None, "RecursionError: decoder defect"),
     ]
     assert letters[1].raw == "text"
+
+
+def test_a_message_over_the_batch_cap_is_one_dead_letter(app, sqlite_url) -> None:
+    """Issue 12, finding 1 (per message): the wire contract is 1-1000 events a message; a
+    bigger one is refused whole as ONE dead letter, and none of its events is applied."""
+    from events.publish import MAX_BATCH_SIZE
+
+    factory = Events("cap")
+    events = [factory.purchase(f"i-cap-{n}") for n in range(MAX_BATCH_SIZE + 1)]
+    result = _run(app, TASK_APPLY_BATCH, events, task_id="oversize")
+    assert result.successful(), result.traceback
+    (outcome,) = result.get()
+    assert outcome["outcome"] == "invalid" and outcome["reasons"] == ["invalid_event"]
+    (letter,) = _dead_letters(sqlite_url)
+    assert f"more than {MAX_BATCH_SIZE} a message" in letter.error
+    assert json.loads(letter.raw) == json.loads(json.dumps(events))  # never dropped
+    assert _entries(sqlite_url) == []
