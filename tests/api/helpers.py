@@ -144,6 +144,54 @@ def closed_port() -> int:
     return free_port()
 
 
+# --- raw HTTP/1.1 on a socket (for what httpx will not send: half bodies, held sockets) -------
+
+
+def read_http_response(sock: socket.socket) -> bytes:
+    """One response: until its Content-Length is complete, or the server closes."""
+    response = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return response
+        response += data
+        if b"\r\n\r\n" in response:
+            header, _, rest = response.partition(b"\r\n\r\n")
+            for line in header.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:") and len(rest) >= int(
+                    line.split(b":")[1]
+                ):
+                    return response
+
+
+def raw_request(base_url: str, head: bytes, body_chunks: list[bytes]) -> bytes:
+    """Send ``head`` and the body chunks (stopping if the server hangs up), read the answer."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head)
+        for chunk in body_chunks:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        return read_http_response(sock)
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` within ``within`` seconds (data read is dropped)."""
+    deadline = time.monotonic() + within
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                return True
+    except TimeoutError:
+        return False
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    return False
+
+
 # --- a live server ---------------------------------------------------------------------------
 
 

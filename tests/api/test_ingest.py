@@ -4,7 +4,6 @@ database index), dead letters through the ledger service, the 5 MiB limit and ba
 from __future__ import annotations
 
 import json
-import socket
 import time
 from typing import Any
 
@@ -12,7 +11,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.api.helpers import INGEST, READ, closed_port, live_server, queue_length
+from tests.api.helpers import (
+    INGEST,
+    READ,
+    closed_port,
+    live_server,
+    queue_length,
+    raw_request,
+)
 from tests.support import Events
 from worker.api.middleware import MAX_BODY_BYTES
 
@@ -292,30 +298,6 @@ def test_exactly_the_limit_is_accepted(client, redis_url: str) -> None:
     assert response.json()["accepted"] == 1
 
 
-def _raw_request(base_url: str, head: bytes, body_chunks: list[bytes]) -> bytes:
-    host, port = base_url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=20) as sock:
-        sock.sendall(head)
-        for chunk in body_chunks:
-            try:
-                sock.sendall(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        response = b""
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return response
-            response += data
-            if b"\r\n\r\n" in response:
-                header, _, rest = response.partition(b"\r\n\r\n")
-                for line in header.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:") and len(rest) >= int(
-                        line.split(b":")[1]
-                    ):
-                        return response
-
-
 def test_chunked_upload_to_a_real_server_is_cut_at_the_limit(client) -> None:
     """On the wire: a chunked request (no Content-Length) gets its 413 as soon as the body
     passes 5 MiB; the server never waits for the end of the upload."""
@@ -329,7 +311,7 @@ def test_chunked_upload_to_a_real_server_is_cut_at_the_limit(client) -> None:
         + b"\r\n\r\n"
     )
     with live_server(client.app) as base_url:
-        response = _raw_request(base_url, head, encoded)
+        response = raw_request(base_url, head, encoded)
     status_line, _, rest = response.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 413"), response[:300]
     body = json.loads(rest.partition(b"\r\n\r\n")[2])
