@@ -111,8 +111,9 @@ def test_login_and_instance_page(server: str, browser) -> None:
 
     # The cookie is HttpOnly: invisible to scripts.
     assert browser.execute_script("return document.cookie") == ""
-    cookie = browser.get_cookie("quota_ledger_token")
+    cookie = browser.get_cookie("quota_ledger_session")
     assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert READ_TOKEN not in cookie["value"]  # a server-side session id, not the token
 
     badge = browser.find_element(By.ID, "eligibility-badge")
     assert badge.get_attribute("data-status") == "ineligible"
@@ -190,3 +191,12 @@ def test_login_and_instance_page(server: str, browser) -> None:
     browser.find_element(By.LINK_TEXT, SCENARIO.web).click()
     wait_for(ec.url_matches(f"/ui/instances/{SCENARIO.web}$"))
     assert browser.find_element(By.ID, "instance-id").text == SCENARIO.web
+
+    # Sign out (a same-origin form post, which the page's Origin check lets through): the
+    # session is revoked on the server, so the old cookie value no longer opens the page.
+    session = browser.get_cookie("quota_ledger_session")["value"]
+    browser.find_element(By.CSS_SELECTOR, ".topbar-logout button").click()
+    wait_for(ec.url_contains("/ui/login"))
+    browser.add_cookie({"name": "quota_ledger_session", "value": session, "path": "/ui"})
+    browser.get(instance_url)
+    assert "/ui/login" in browser.current_url
