@@ -52,6 +52,8 @@ def _json_over(data: bytes, limit: int) -> bool:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return False
+    if len(text) < 2 * limit:  # every element takes a character and a comma, at least
+        return False
     position = _WS.match(text, 0).end()  # type: ignore[union-attr]
     if not text.startswith("[", position):
         return False  # one object, or not JSON: at most one event

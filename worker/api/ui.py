@@ -57,7 +57,9 @@ SECURITY_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not "no-referrer": under it browsers send "Origin: null" with the page's own form posts,
+    # which the same-origin check could not tell from a sandboxed attacker.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -179,11 +181,17 @@ def _origin_key(scheme: str, netloc: str) -> tuple[str, str, int | None]:
 
 
 def require_same_origin(request: Request) -> None:
-    """Refuse a form post made from another site (forced sign-in or sign-out): browsers say
-    where a post comes from in ``Sec-Fetch-Site`` and ``Origin``. A client that sends neither
-    (curl, a script) is not a browser being abused and may post."""
+    """Refuse a form post made from another site (forced sign-in or sign-out).
+
+    The same rule as Go's ``net/http.CrossOriginProtection``: browsers that send
+    ``Sec-Fetch-Site`` (which no page can forge) are judged by it alone; older ones by
+    ``Origin``, which must be this server (scheme and ``Host``). A client that sends neither
+    (curl, a script) is not a browser being abused and may post.
+    """
     site = request.headers.get("sec-fetch-site")
-    if site is not None and site.lower() not in ("same-origin", "none"):
+    if site is not None:
+        if site.lower() in ("same-origin", "none"):
+            return
         raise ApiError(403, "cross_origin", "This form only accepts posts from this page.")
     origin = request.headers.get("origin")
     if origin is None:
