@@ -153,9 +153,8 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
 
 
-class SecurityHeadersMiddleware:
-    """``X-Content-Type-Options: nosniff`` on every answer (JSON, static files, errors), so no
-    browser ever guesses a script or a page out of a response."""
+class _HTTPMiddleware:
+    """A pure ASGI middleware for HTTP requests; lifespan (and anything else) passes through."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -164,7 +163,17 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
 
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class SecurityHeadersMiddleware(_HTTPMiddleware):
+    """``X-Content-Type-Options: nosniff`` on every answer (JSON, static files, errors), so no
+    browser ever guesses a script or a page out of a response."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
@@ -176,16 +185,10 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-class RequestMetricsMiddleware:
+class RequestMetricsMiddleware(_HTTPMiddleware):
     """Counts requests by method, route template (not the raw path: bounded labels) and status."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 500
 
         async def recording_send(message: Message) -> None:
