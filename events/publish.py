@@ -22,13 +22,19 @@ the same content as a ``duplicate``.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import kombu.exceptions
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.serialization import dumps
 
 from events.codec import EventRejection, event_to_payload, parse_event, parse_event_obj
 from events.models import BaseEvent, Event
@@ -40,6 +46,7 @@ __all__ = [
     "PUBLISH_RETRY_POLICY",
     "QUEUE_EVENTS",
     "QUEUE_SWEEP",
+    "SEQUENCE_KEY",
     "TASK_APPLY_BATCH",
     "TASK_APPLY_EVENT",
     "TASK_SWEEP",
@@ -134,6 +141,7 @@ class InvalidEvents(ValueError):
 # --- the producer-only Celery app --------------------------------------------------------------
 
 _apps: dict[tuple[str, int], Celery] = {}
+_clients: dict[str, Any] = {}  # redis.Redis per broker URL (the sequenced enqueue)
 _apps_lock = threading.Lock()
 
 
@@ -193,8 +201,12 @@ def close_producer(broker_url: str | None = None) -> None:
     with _apps_lock:
         keys = [k for k in _apps if broker_url is None or k[0] == broker_url]
         apps = [_apps.pop(k) for k in keys]
+        urls = [u for u in _clients if broker_url is None or u == broker_url]
+        clients = [_clients.pop(u) for u in urls]
     for app in apps:
         app.close()
+    for client in clients:
+        client.close()
 
 
 # --- publishing --------------------------------------------------------------------------------
@@ -220,6 +232,101 @@ def _validate_all(items: Iterable[object]) -> list[Event]:
     return events
 
 
+#: The broker-side state of SPEC §9's numbering: one Redis hash holding the epoch (field
+#: ``~epoch``, which no instance id can be) and a counter per instance, so that they vanish
+#: together.
+SEQUENCE_KEY = "quota_ledger.sequence"
+_EPOCH_FIELD = "~epoch"
+
+#: Numbers the elements of one message and enqueues it, atomically (a failed publish burns no
+#: number). The message's JSON text arrives cut in two around its ``sequence`` keyword
+#: argument, which is written here: inside the body (a JSON string in the envelope) its quotes
+#: are escaped. Instance ids need no other escaping: their charset is ``[A-Za-z0-9._:-]``.
+_ENQUEUE_SCRIPT = r"""
+local epoch = redis.call('HGET', KEYS[1], ARGV[1])
+if not epoch then
+  local now = redis.call('TIME')
+  epoch = now[1] .. string.format('%06d', tonumber(now[2]))
+  redis.call('HSET', KEYS[1], ARGV[1], epoch)
+end
+local numbers = {}
+for i = 4, #ARGV do
+  local n = redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
+  numbers[#numbers + 1] = '[\\"' .. ARGV[i] .. '\\",' .. n .. ']'
+end
+local sequence = '{\\"epoch\\":' .. epoch
+  .. ',\\"numbers\\":[' .. table.concat(numbers, ',') .. ']}'
+redis.call('LPUSH', KEYS[2], ARGV[2] .. sequence .. ARGV[3])
+return epoch
+"""
+
+
+def _message_text(app: Celery, payloads: list[dict[str, Any]]) -> tuple[str, str]:
+    """The kombu message of one ``apply_batch`` task, as Redis stores it, cut in two where its
+    ``sequence`` keyword argument goes. Celery builds the headers and body (protocol 2); the body
+    is kept as UTF-8 JSON text (``body_encoding: utf-8``, which kombu reads as it is) rather
+    than base64, so that the script can write the numbers into it."""
+    task_id = str(uuid.uuid4())
+    marker = uuid.uuid4().hex
+    headers, properties, body, _ = app.amqp.as_task_v2(
+        task_id,
+        TASK_APPLY_BATCH,
+        args=[payloads],
+        kwargs={"sequence": marker},
+        kwargsrepr="{'sequence': ...}",
+        ignore_result=True,
+    )
+    content_type, content_encoding, data = dumps(body, serializer="json")
+    envelope = {
+        "body": data,
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": {
+            **properties,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": QUEUE_EVENTS},
+            "priority": 0,
+            "body_encoding": "utf-8",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    before, after = json.dumps(envelope).split(json.dumps(json.dumps(marker))[1:-1])
+    return before, after
+
+
+def _redis_client(broker_url: str) -> Any:
+    with _apps_lock:
+        client = _clients.get(broker_url)
+        if client is None:
+            options = broker_transport_options(_visibility_timeout())
+            client = redis.Redis.from_url(
+                broker_url,
+                socket_timeout=options["socket_timeout"],
+                socket_connect_timeout=options["socket_connect_timeout"],
+            )
+            _clients[broker_url] = client
+    return client
+
+
+def _run_with_retries(call: Callable[[], Any]) -> Any:
+    """``call()``, retried on connection errors with :data:`PUBLISH_RETRY_POLICY`'s waits for
+    at most :data:`PUBLISH_CONNECT_SECONDS`; then ``kombu.exceptions.OperationalError``."""
+    deadline = time.monotonic() + PUBLISH_CONNECT_SECONDS
+    wait = PUBLISH_RETRY_POLICY["interval_start"]
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + wait > deadline:
+                raise kombu.exceptions.OperationalError(
+                    f"broker unreachable for {PUBLISH_CONNECT_SECONDS:g} s: {exc}"
+                ) from exc
+            time.sleep(wait)
+            step, cap = PUBLISH_RETRY_POLICY["interval_step"], PUBLISH_RETRY_POLICY["interval_max"]
+            wait = min(wait + step, cap)
+
+
 def enqueue_batches(
     events: Sequence[Event],
     *,
@@ -227,7 +334,8 @@ def enqueue_batches(
     broker_url: str | None = None,
 ) -> int:
     """Send already-validated events as ``quota_ledger.apply_batch`` messages of at most
-    ``batch_size`` (1–1000) events each, in order. Returns the number of events sent.
+    ``batch_size`` (1–1000) events each, in order, each element numbered per instance under the
+    broker's epoch (SPEC §9). Returns the number of events sent.
 
     Raises ``kombu.exceptions.OperationalError`` when the broker stays unreachable for the
     whole retry policy (see the module docstring).
@@ -235,6 +343,7 @@ def enqueue_batches(
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must be from 1 to {MAX_BATCH_SIZE}, got {batch_size}")
     payloads: list[dict[str, Any]] = []
+    instance_ids: list[str] = []
     for event in events:
         if not isinstance(event, BaseEvent):
             raise TypeError(
@@ -242,21 +351,21 @@ def enqueue_batches(
                 "(use publish_many for dicts or JSON text)"
             )
         payloads.append(event_to_payload(event))
+        instance_ids.append(event.instance_id)
     if not payloads:
         return 0
-    app = producer_app(broker_url)
-    with app.producer_or_acquire() as producer:
-        for start in range(0, len(payloads), batch_size):
-            app.send_task(
-                TASK_APPLY_BATCH,
-                args=[payloads[start : start + batch_size]],
-                queue=QUEUE_EVENTS,
-                routing_key=QUEUE_EVENTS,
-                producer=producer,
-                ignore_result=True,
-                retry=True,
-                retry_policy=dict(PUBLISH_RETRY_POLICY),
+    url = _broker_url(broker_url)
+    app = producer_app(url)
+    client = _redis_client(url)
+    script = client.register_script(_ENQUEUE_SCRIPT)
+    for start in range(0, len(payloads), batch_size):
+        stop = start + batch_size
+        before, after = _message_text(app, payloads[start:stop])
+        _run_with_retries(
+            lambda b=before, a=after, ids=instance_ids[start:stop]: script(
+                keys=[SEQUENCE_KEY, QUEUE_EVENTS], args=[_EPOCH_FIELD, b, a, *ids]
             )
+        )
     return len(payloads)
 
 

@@ -11,12 +11,14 @@ from sqlmodel import Session
 
 from ledger.policy import Policy
 from ledger.state import InstanceState, state_from_json
+from ledger.store import list_parked, parked_counts
 from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, ServiceNumberRow
 from ledger.views import (
     dead_letter_view,
     entry_view,
     instance_summary,
     instance_view,
+    parked_view,
     service_number_view,
 )
 
@@ -31,9 +33,25 @@ def load_state(session: Session, *, instance_id: str) -> InstanceState | None:
 def show_instance(
     session: Session, *, instance_id: str, at: datetime, policy: Policy
 ) -> dict[str, Any] | None:
-    """The ``show`` JSON, or None when the ledger has no entry for the instance."""
+    """The ``show`` JSON, or None when the ledger knows nothing of the instance: no entry and
+    no parked event (SPEC §9: an instance with parked events only shows ``status: unknown``,
+    ``entries: 0``)."""
     state = load_state(session, instance_id=instance_id)
-    return None if state is None else instance_view(state, policy, at)
+    parked = parked_counts(session.connection(), [instance_id]).get(instance_id, 0)
+    if state is None:
+        if not parked:
+            return None
+        state = InstanceState(instance_id)
+    return {**instance_view(state, policy, at), "parked": parked}
+
+
+def parked_events(
+    session: Session, *, instance_id: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """``parked --json`` (SPEC §9): events waiting behind a gap in their instance's publish
+    numbers, ordered by ``parked_at``, ``instance_id``, ``n``."""
+    rows = list_parked(session.connection(), instance_id=instance_id, limit=limit)
+    return [parked_view(row) for row in rows]
 
 
 def instance_history(session: Session, *, instance_id: str) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache, partial
 from typing import Any
 
@@ -45,7 +45,19 @@ from ledger.entries import record
 from ledger.gc_tuning import fewer_collections
 from ledger.numbers import new_service_number
 from ledger.policy import Policy
+from ledger.resequencer import (
+    AlreadyParked,
+    ApplyNow,
+    Park,
+    Release,
+    Step,
+    Tag,
+    arrive,
+    skip_timed_out,
+)
+from ledger.settings import DEFAULT_GAP_TIMEOUT, DEFAULT_MAX_PARKED
 from ledger.state import InstanceState, state_from_json, state_to_json
+from ledger.store import database_now, due_gate_instances, load_gates, load_released, write_gates
 from ledger.tables import (
     DeadLetter,
     FilingRow,
@@ -73,7 +85,7 @@ class ApplyResult:
     """The answer for one input line or message (SPEC §7 ``apply --json``)."""
 
     event_id: str | None
-    outcome: str  # applied | rejected | stale | duplicate | invalid
+    outcome: str  # applied | rejected | stale | duplicate | invalid | parked
     reasons: tuple[str, ...] = ()
     service_number: str | None = None
     error: str | None = None
@@ -123,6 +135,10 @@ class _Prior:
         )
 
 
+def _event_id(item: Parsed) -> str | None:
+    return item.event_id
+
+
 def entry_service_number(event_type: str, payload: str, result: dict[str, Any]) -> str | None:
     """The number issued by a request, or presented by a filing; else None."""
     if "service_number" in result:
@@ -143,12 +159,23 @@ class Ledger:
         new_number: Callable[[], str] = new_service_number,
         clock: Clock = utcnow,
         max_attempts: int = 8,
+        gap_timeout: float = DEFAULT_GAP_TIMEOUT,
+        max_parked: int = DEFAULT_MAX_PARKED,
+        on_released: Callable[[list[ApplyResult]], None] | None = None,
+        on_gaps_skipped: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
         self.new_number = new_number
         self.clock = clock
         self.max_attempts = max_attempts
+        # The resequencer (SPEC §9): seconds a gap may stay open, events parked per instance.
+        self.gap_timeout = gap_timeout
+        self.max_parked = max_parked
+        # Observers for the worker's metrics: outcomes of released parked events (answered
+        # ``parked`` to their own message long ago), and gaps skipped.
+        self.on_released = on_released
+        self.on_gaps_skipped = on_gaps_skipped
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -172,18 +199,42 @@ class Ledger:
         return self.apply(parsed)
 
     def apply(
-        self, items: Sequence[Parsed], *, raws: Sequence[str | None] | None = None
+        self,
+        items: Sequence[Parsed],
+        *,
+        raws: Sequence[str | None] | None = None,
+        sequence: Sequence[Tag | None] | None = None,
     ) -> list[ApplyResult]:
         """Apply parsed events (and record rejections) in one transaction, retried on conflict.
 
         ``raws`` optionally gives each item's original text, kept in a dead letter if the item is
-        refused later (``event_id_reused``); without it the canonical payload is kept.
+        refused later (``event_id_reused``) and in the parked store; without it the canonical
+        payload is kept. ``sequence`` gives each item's publish number (SPEC §9), or None for an
+        item that bypasses the resequencer; without it every item is applied on arrival.
         """
+        return self._retrying(lambda session: self._transaction(session, items, raws, sequence))
+
+    def release_due(self, *, max_instances: int = 200) -> int:
+        """The periodic resequencer check (SPEC §9): for every instance whose oldest parked
+        event has waited the gap timeout, skip its timed-out gaps and apply the run behind them;
+        release what an earlier transaction's budget left ready. Returns how many instances
+        were checked (each in its own transaction)."""
+        with Session(self.engine) as session:
+            connection = session.connection()
+            cutoff = database_now(connection) - timedelta(seconds=self.gap_timeout)
+            due = due_gate_instances(connection, cutoff=cutoff, limit=max_instances)
+        for instance_id in due:
+            self._retrying(
+                lambda session, iid=instance_id: self._transaction(session, (), None, None, (iid,))
+            )
+        return len(due)
+
+    def _retrying(self, work: Callable[[Session], list[ApplyResult]]) -> list[ApplyResult]:
         attempt = 1
         while True:
             try:
                 with fewer_collections(), Session(self.engine) as session, session.begin():
-                    return self._apply_in_transaction(session, items, raws)
+                    return work(session)
             except Exception as exc:
                 retriable = isinstance(exc, IntegrityError) or is_transient_error(exc)
                 if not retriable or attempt >= self.max_attempts:
@@ -192,22 +243,27 @@ class Ledger:
                 time.sleep(min(0.05 * 2**attempt, 2.0))
                 attempt += 1
 
-    def _apply_in_transaction(
+    def _transaction(
         self,
         session: Session,
         items: Sequence[Parsed],
         raws: Sequence[str | None] | None,
+        sequence: Sequence[Tag | None] | None,
+        gate_checks: Sequence[str] = (),
     ) -> list[ApplyResult]:
         now = self.clock()
+        connection = session.connection()
         results: list[ApplyResult | None] = [None] * len(items)
-        # (input index, row): dead letters are stored in input order, whatever step refused them.
+        # (order, row): dead letters are stored in input order, whatever step refused them;
+        # released parked events come after the inputs.
         dead_letters: list[tuple[int, dict[str, Any]]] = []
 
-        def refuse(index: int, code: str, error: str, event_id: str | None, raw: str) -> None:
-            results[index] = invalid_result(code, error, event_id)
+        def refuse(order: int, code: str, error: str, event_id: str | None, raw: str) -> None:
+            if order < len(items):
+                results[order] = invalid_result(code, error, event_id)
             dead_letters.append(
                 (
-                    index,
+                    order,
                     {
                         "received_at": now,
                         "event_id": event_id,
@@ -218,34 +274,46 @@ class Ledger:
                 )
             )
 
-        events: list[tuple[int, Event]] = []
+        tags: Sequence[Tag | None] = sequence or [None] * len(items)
         for index, item in enumerate(items):
             if isinstance(item, EventRejection):
                 refuse(index, item.code, item.error, item.event_id, item.raw)
-            else:
-                events.append((index, item))
 
-        instance_ids = sorted({event.instance_id for _, event in events})
+        instance_ids = sorted(
+            {item.instance_id for item in items if not isinstance(item, EventRejection)}
+            | {tag.instance_id for tag in tags if tag is not None}
+            | set(gate_checks)
+        )
         # Locked and read by the same statements (PostgreSQL: FOR UPDATE).
         rows = {
             instance_id: values[0]
             for instance_id, values in lock_and_load(session, instance_ids, ("state",)).items()
         }
+
+        # The resequencer decides what is applied now and in which order (SPEC §9).
+        plan = self._gate(connection, items, raws, tags, gate_checks, results, refuse)
+
+        events = [event for _, event, _ in plan]
         before = {iid: _state_of(rows.get(iid), iid) for iid in instance_ids}
         states = dict(before)
-        priors = _load_priors(session, [event.event_id for _, event in events])
+        priors = _load_priors(session, [event.event_id for event in events])
 
         entries: list[dict[str, Any]] = []
-        for index, event in events:
+        released: list[ApplyResult] = []
+        for order, event, raw_text in plan:
             payload = canonical_payload(event)
-            raw = (raws[index] if raws else None) or payload
+            raw = raw_text or payload
             prior = priors.get(event.event_id)
             if prior is not None:
                 if prior.instance_id == event.instance_id and prior.payload == payload:
-                    results[index] = prior.answer(event.event_id)
+                    result = prior.answer(event.event_id)
+                    if order < len(items):
+                        results[order] = result
+                    else:
+                        released.append(result)
                 else:
                     refuse(
-                        index,
+                        order,
                         "event_id_reused",
                         f"event_id {event.event_id!r} is already recorded with other content",
                         event.event_id,
@@ -258,7 +326,7 @@ class Ledger:
             except Exception as exc:  # a defect must not take the batch down with it
                 log.exception("processing_error for event %s", event.event_id)
                 refuse(
-                    index, "processing_error", f"{type(exc).__name__}: {exc}", event.event_id, raw
+                    order, "processing_error", f"{type(exc).__name__}: {exc}", event.event_id, raw
                 )
                 continue
             states[event.instance_id] = new_state
@@ -271,20 +339,158 @@ class Ledger:
                 tuple(entry["reasons"]),
                 entry["result"],
             )
-            results[index] = ApplyResult(
+            result = ApplyResult(
                 event.event_id,
                 entry["outcome"],
                 tuple(entry["reasons"]),
                 entry_service_number(event.type, payload, entry["result"]),
             )
+            if order < len(items):
+                results[order] = result
+            else:
+                released.append(result)
 
         if dead_letters:
             dead_letters.sort(key=lambda pair: pair[0])
-            session.connection().execute(_DEAD_LETTERS.insert(), [row for _, row in dead_letters])
+            connection.execute(_DEAD_LETTERS.insert(), [row for _, row in dead_letters])
         if entries:
             _insert_rows(session, _ENTRIES, entries)
             _write_projections(session, rows, before, states, now)
+        if released and self.on_released is not None:
+            self.on_released(released)
         return [result for result in results if result is not None]
+
+    def _gate(
+        self,
+        connection: Any,
+        items: Sequence[Parsed],
+        raws: Sequence[str | None] | None,
+        tags: Sequence[Tag | None],
+        gate_checks: Sequence[str],
+        results: list[ApplyResult | None],
+        refuse: Callable[[int, str, str, str | None, str], None],
+    ) -> list[tuple[int, Event, str | None]]:
+        """Pass the items through their instances' gates: answers ``parked`` where they wait,
+        and returns what to apply now, in order, as ``(order, event, raw)`` (``order`` is the
+        input index, or past the inputs for a released parked event)."""
+        gated = sorted({tag.instance_id for tag in tags if tag is not None} | set(gate_checks))
+        if not gated:  # nothing sequenced: everything on arrival, in input order
+            return [
+                self._input(items, raws, index)
+                for index, item in enumerate(items)
+                if not isinstance(item, EventRejection)
+            ]
+        gates = load_gates(connection, gated)
+        loaded = {iid: (g.epoch, g.last, len(g.parked)) for iid, g in gates.items()}
+        steps: list[Step] = []
+        for instance_id in gate_checks:
+            steps += skip_timed_out(
+                gates[instance_id], now=database_now(connection), timeout=self.gap_timeout
+            )
+        for index, (item, tag) in enumerate(zip(items, tags, strict=True)):
+            if tag is None:
+                if not isinstance(item, EventRejection):
+                    steps.append(ApplyNow(index))
+                continue
+            has_event = not isinstance(item, EventRejection)
+            if has_event and item.instance_id != tag.instance_id:
+                refuse(
+                    index,
+                    "invalid_event",
+                    f"sequence names instance {tag.instance_id!r}, the event is of "
+                    f"{item.instance_id!r}",
+                    item.event_id,
+                    (raws[index] if raws else None) or canonical_payload(item),
+                )
+                has_event = False
+            steps += arrive(
+                gates[tag.instance_id],
+                tag,
+                index,
+                has_event=has_event,
+                max_parked=self.max_parked,
+            )
+        released = [step for step in steps if isinstance(step, Release)]
+        # Numbers parked by this very transaction: not in the store yet.
+        parked_here = {
+            (tags[step.index].instance_id, step.epoch, step.n): step  # type: ignore[union-attr]
+            for step in steps
+            if isinstance(step, Park)
+        }
+        stored = load_released(
+            connection,
+            [
+                r
+                for r in released
+                if r.has_event and (r.instance_id, r.epoch, r.n) not in parked_here
+            ],
+        )
+        plan: list[tuple[int, Event, str | None]] = []
+        extra = len(items)  # orders of released parked events: after every input
+        for step in steps:
+            if isinstance(step, ApplyNow):
+                plan.append(self._input(items, raws, step.index))
+            elif isinstance(step, AlreadyParked) or (isinstance(step, Park) and step.has_event):
+                results[step.index] = ApplyResult(_event_id(items[step.index]), "parked")
+            elif isinstance(step, Release):
+                key = (step.instance_id, step.epoch, step.n)
+                if key in parked_here:  # parked and released by this very transaction
+                    here = parked_here.pop(key)
+                    if here.has_event:
+                        plan.append(self._input(items, raws, here.index))
+                    continue
+                row = stored.get(key)
+                if not step.has_event or row is None or row.raw is None:
+                    continue
+                extra += 1
+                parsed = parse_event(row.raw)
+                if isinstance(parsed, EventRejection) or parsed.instance_id != step.instance_id:
+                    error = getattr(parsed, "error", "the parked event names another instance")
+                    refuse(extra, "processing_error", error, row.event_id, row.raw)
+                    continue
+                plan.append((extra, parsed, row.raw))
+        parked_rows = [
+            self._parked_row(items, raws, instance_id, step)
+            for (instance_id, _, _), step in parked_here.items()
+        ]
+        write_gates(
+            connection,
+            before=loaded,
+            gates=gates.values(),
+            parked_rows=parked_rows,
+            released=released,
+            now=self.clock(),
+        )
+        skipped = sum(gate.skipped for gate in gates.values())
+        if skipped and self.on_gaps_skipped is not None:
+            self.on_gaps_skipped(skipped)
+        return plan
+
+    @staticmethod
+    def _parked_row(
+        items: Sequence[Parsed], raws: Sequence[str | None] | None, instance_id: str, step: Park
+    ) -> dict[str, Any]:
+        item = items[step.index]
+        row: dict[str, Any] = {
+            "instance_id": instance_id,
+            "epoch": step.epoch,
+            "n": step.n,
+            "event_id": item.event_id,
+            "type": None,
+            "raw": None,  # a filled placeholder: the element was dead-lettered
+        }
+        if step.has_event and not isinstance(item, EventRejection):
+            text_ = (raws[step.index] if raws else None) or canonical_payload(item)
+            row.update(type=item.type, raw=storable_text(text_))
+        return row
+
+    @staticmethod
+    def _input(
+        items: Sequence[Parsed], raws: Sequence[str | None] | None, index: int
+    ) -> tuple[int, Event, str | None]:
+        item = items[index]
+        assert not isinstance(item, EventRejection)
+        return index, item, raws[index] if raws else None
 
     def _record(
         self, state: InstanceState, event: Event, payload: str, now: datetime

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: SPEC §9 defaults: events parked per instance before its lowest gap is skipped, and the gap
+#: timeout of a ledger built without settings (``Settings.gap_timeout_seconds`` is the real one).
+DEFAULT_MAX_PARKED = 1000
+DEFAULT_GAP_TIMEOUT = 600.0 + 10.0 + 30.0
+
+
+def unacked_restore_interval(visibility_timeout: int) -> int:
+    """Seconds between two looks of kombu's Redis transport for messages whose visibility
+    timeout ran out (``unacked_restore_interval``): a fifth of the timeout, 1–10 s."""
+    return max(1, min(10, visibility_timeout // 5))
 
 
 class Settings(BaseSettings):
@@ -76,6 +87,17 @@ class Settings(BaseSettings):
     retry_backoff_max: int = Field(default=60, ge=1)
     # Port for the worker's Prometheus metrics (None: not served).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # --- the resequencer (SPEC §9; ledger/resequencer.py) ----------------------------------
+    # Seconds a gap in an instance's publish numbers may stay open before the events parked
+    # behind it are applied without the missing ones. None: the visibility timeout plus the
+    # unacked-restore interval plus 30 s, so that a crashed worker's messages (which come back
+    # after that) arrive before their successors give up on them.
+    gap_timeout: float | None = Field(default=None, gt=0)
+    # Events parked for one instance beyond which its lowest gap is skipped at once.
+    max_parked: int = Field(default=DEFAULT_MAX_PARKED, ge=1)
+    # Seconds between two looks of each worker for timed-out gaps.
+    gap_check_interval: float = Field(default=5.0, gt=0, le=5.0)
+
     # Celery beat's schedule file (None: a fresh temporary file per beat process; the sweep is
     # idempotent, so losing the last-run time costs at most one extra, harmless sweep).
     beat_schedule_file: Path | None = None
@@ -86,6 +108,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [host.strip() for host in value.split(",") if host.strip()]
         return value
+
+    @property
+    def gap_timeout_seconds(self) -> float:
+        if self.gap_timeout is not None:
+            return self.gap_timeout
+        restore = unacked_restore_interval(self.visibility_timeout)
+        return float(self.visibility_timeout + restore + 30)
+
+    def resequencer_options(self) -> dict[str, Any]:
+        """The ``Ledger`` keyword arguments of the resequencer."""
+        return {"gap_timeout": self.gap_timeout_seconds, "max_parked": self.max_parked}
 
 
 @lru_cache(maxsize=1)

@@ -36,6 +36,8 @@ __all__ = [
     "FilingRow",
     "InstanceRow",
     "LedgerEntry",
+    "ParkedEvent",
+    "SequencerGate",
     "ServiceNumberRow",
     "UTCDateTime",
     "utcnow",
@@ -214,3 +216,43 @@ class DeadLetter(SQLModel, table=True):
     code: str = Field(max_length=32)  # too_large | invalid_event | event_id_reused | …
     error: str = Field(sa_column=Column("error", Text(), nullable=False))
     raw: str = Field(sa_column=Column("raw", Text(), nullable=False))
+
+
+# --- the resequencer (SPEC §9; ledger/resequencer.py) --------------------------------------------
+# Working state of the publish-order gate, not part of the ledger: rows are updated and deleted,
+# and ``rebuild`` / ``verify`` neither read nor reset them.
+
+
+class SequencerGate(SQLModel, table=True):
+    """One instance's gate: the broker epoch it follows and the highest filled number."""
+
+    __tablename__ = "sequencer_gates"
+
+    instance_id: str = Field(max_length=128, primary_key=True)
+    epoch: int = Field(sa_column=Column("epoch", BigInteger(), nullable=False))
+    last: int = Field(sa_column=Column("last", BigInteger(), nullable=False))
+    # How many numbers are parked (events and filled placeholders): 0 skips their query.
+    parked: int = 0
+    updated_at: datetime = Field(
+        default_factory=utcnow,
+        sa_column=Column("updated_at", UTCDateTime(), nullable=False),
+    )
+
+
+class ParkedEvent(SQLModel, table=True):
+    """An event that arrived ahead of a gap, stored until its turn (or a filled placeholder:
+    ``raw`` NULL, for an element that was dead-lettered on arrival)."""
+
+    __tablename__ = "parked_events"
+
+    instance_id: str = Field(max_length=128, primary_key=True)
+    epoch: int = Field(sa_column=Column("epoch", BigInteger(), primary_key=True))
+    n: int = Field(sa_column=Column("n", BigInteger(), primary_key=True))
+    event_id: str | None = Field(default=None, max_length=200)
+    type: str | None = Field(default=None, max_length=64)
+    # The event's text as it arrived (its canonical JSON if it arrived as an object).
+    raw: str | None = Field(default=None, sa_column=Column("raw", Text(), nullable=True))
+    # Database time: each gap's timeout counts from it.
+    parked_at: datetime = Field(
+        sa_column=Column("parked_at", UTCDateTime(), nullable=False, index=True)
+    )

@@ -134,3 +134,8 @@ def dead_letter_view(row: Any) -> dict[str, Any]:
         "error": row.error,
         "raw": row.raw,
     }
+
+
+def parked_view(row: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``parked --json`` (SPEC §9) from ``ledger.store.list_parked``."""
+    return {**row, "parked_at": _time(row["parked_at"])}

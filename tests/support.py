@@ -3,7 +3,9 @@ in-memory model of the ledger built on the same pure ``record`` the service uses
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -202,3 +204,13 @@ class MemoryLedger:
 
     def state(self, instance: str) -> InstanceState:
         return self.states.get(instance) or InstanceState(instance)
+
+
+def message_body(envelope: dict[str, Any]) -> Any:
+    """The decoded ``[args, kwargs, embed]`` of a kombu message as Redis stores it: UTF-8 JSON
+    text as the project publishes it (the enqueue script writes the sequence into it), or
+    base64 as kombu itself and foreign publishers send it."""
+    body = envelope["body"]
+    if envelope["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    return json.loads(body)

@@ -32,7 +32,7 @@ from events.publish import (
     task_queues,
 )
 from ledger.policy import Policy
-from ledger.settings import Settings, get_settings
+from ledger.settings import Settings, get_settings, unacked_restore_interval
 
 __all__ = ["SWEEP_ENTRY", "LedgerCelery", "app", "celery_config", "create_app"]
 
@@ -96,7 +96,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # died, or in flight when Redis restarted) only every interval × throttle seconds,
             # 10 × 10 by default: up to 100 s more. Look every min(10, timeout / 5) s instead
             # (a ZRANGE under a Redis mutex per worker), so they come back within that.
-            "unacked_restore_interval": max(1, min(10, visibility // 5)),
+            "unacked_restore_interval": unacked_restore_interval(visibility),
             "unacked_restore_throttle": 1,
         },
         "result_backend_transport_options": {"visibility_timeout": visibility},
@@ -150,7 +150,9 @@ def create_app(
 ) -> LedgerCelery:
     """A configured app whose tasks use ``settings`` (default: the environment's)."""
     settings = settings or get_settings()
-    celery = LedgerCelery("quota_ledger", include=["worker.tasks"], set_as_current=False)
+    celery = LedgerCelery(
+        "quota_ledger", include=["worker.tasks", "worker.gaps"], set_as_current=False
+    )
     celery.ledger_settings = settings
     celery.ledger_policy = policy
     celery.ledger_engine = engine

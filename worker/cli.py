@@ -461,7 +461,9 @@ def show(
     with run.engine() as engine, Session(engine) as session:
         view = show_instance(session, instance_id=instance_id, at=when, policy=policy)
     if view is None:
-        raise UserError(f"the ledger has no entry for instance {instance_id!r}", 1)
+        raise UserError(
+            f"the ledger has no entry and no parked event for instance {instance_id!r}", 1
+        )
     if run.json:
         print_json(view)
     else:
@@ -587,6 +589,35 @@ def rejected(
         print_json(rows)
     else:
         render.rejected(rows)
+
+
+@app.command()
+@guarded
+def parked(
+    ctx: typer.Context,
+    instance_id: Annotated[
+        str | None,
+        typer.Option("--instance", metavar="ID", help="Only this instance's parked events."),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, metavar="N", help="At most N, oldest first."),
+    ] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Events waiting behind a gap in their instance's publish numbers (SPEC §9)."""
+    from sqlmodel import Session
+
+    from ledger.queries import parked_events
+
+    run = runtime(ctx, db, as_json)
+    with run.engine() as engine, Session(engine) as session:
+        rows = parked_events(session, instance_id=instance_id, limit=limit)
+    if run.json:
+        print_json(rows)
+    else:
+        render.parked(rows)
 
 
 # --- sweep, rebuild, verify ----------------------------------------------------------------------

@@ -179,6 +179,7 @@ def embedded_pipeline(
     from events.publish import close_producer
     from worker import tasks
     from worker.celery_app import create_app
+    from worker.gaps import GapChecker
 
     database_url = engine.url.render_as_string(hide_password=False)
     with fake_redis_server() as broker_url:
@@ -193,6 +194,7 @@ def embedded_pipeline(
         previous = logging.getLogger("celery").level
         logging.getLogger("celery").setLevel(loglevel)
         try:
+            checker = GapChecker(app, settings.gap_check_interval)
             with start_worker(
                 app,
                 pool="solo",
@@ -201,7 +203,13 @@ def embedded_pipeline(
                 loglevel=loglevel,
                 shutdown_timeout=30,
             ):
-                yield EmbeddedPipeline(broker_url, engine, Ledger(engine, policy))
+                # The test worker sends no worker_ready: start the resequencer's clock here.
+                checker.start()
+                try:
+                    yield EmbeddedPipeline(broker_url, engine, Ledger(engine, policy))
+                finally:
+                    checker.stop()
+                    checker.join(10)
         finally:
             logging.getLogger("celery").setLevel(previous)
             tasks.dispose_runtimes()

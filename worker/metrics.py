@@ -20,7 +20,8 @@ class _Outcome(Protocol):
 
 EVENTS = Counter(
     "quota_ledger_events_total",
-    "Events applied, by event type and outcome (applied, rejected, stale, duplicate, invalid).",
+    "Events answered, by event type and outcome (applied, rejected, stale, duplicate, invalid, "
+    "parked).",
     ["type", "outcome"],
 )
 APPLY_SECONDS = Histogram(
@@ -43,6 +44,22 @@ QUEUE_DEPTH = Gauge(
     "Messages waiting in the broker queue, as last measured.",
     ["queue"],
 )
+# --- the resequencer (SPEC §9) --------------------------------------------------------------------
+RELEASED = Counter(
+    "quota_ledger_released_total",
+    "Parked events applied once their turn came, by outcome.",
+    ["outcome"],
+)
+GAPS_SKIPPED = Counter(
+    "quota_ledger_gaps_skipped_total",
+    "Gaps in publish numbers skipped (timed out, too many parked, or an epoch ended).",
+)
+PARKED = Gauge("quota_ledger_parked_events", "Events parked behind a gap, as last measured.")
+PARKED_OLDEST_SECONDS = Gauge(
+    "quota_ledger_parked_oldest_seconds",
+    "Age of the oldest parked event, as last measured (0 when none is parked).",
+)
+
 SWEEP_RUNS = Counter("quota_ledger_sweep_runs_total", "Expiry sweeps run.")
 SWEEP_EXPIRED = Counter("quota_ledger_sweep_expired_total", "Instances expired by the sweep.")
 
@@ -64,3 +81,17 @@ def record_apply(
 def record_sweep(expired: int) -> None:
     SWEEP_RUNS.inc()
     SWEEP_EXPIRED.inc(expired)
+
+
+def record_released(results: Iterable[_Outcome]) -> None:
+    for result in results:
+        RELEASED.labels(outcome=result.outcome).inc()
+
+
+def record_gaps_skipped(count: int) -> None:
+    GAPS_SKIPPED.inc(count)
+
+
+def record_parked(count: int, oldest_seconds: float) -> None:
+    PARKED.set(count)
+    PARKED_OLDEST_SECONDS.set(oldest_seconds)

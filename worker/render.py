@@ -123,6 +123,7 @@ def show(view: Mapping[str, Any], product_names: Mapping[str, str] | None = None
             ("eligibility", eligibility["status"]),
             ("as of", eligibility["as_of"]),
             ("entries", view["entries"]),
+            ("parked", view.get("parked", 0)),
             ("head hash", view["head_hash"]),
         ]
     )
@@ -261,6 +262,33 @@ def rejected(rows: Sequence[Mapping[str, Any]], total: int | None = None) -> Non
             cell(row["code"], "red"),
             cell(row["error"]),
             cell(clip(row["raw"], 60)),
+        )
+    console().print(table)
+
+
+def parked(rows: Sequence[Mapping[str, Any]]) -> None:
+    if not rows:
+        message("No parked events: every instance is applied up to its last published event.")
+        return
+    table = _table(
+        f"Parked events ({len(rows)}), waiting for an earlier publish number",
+        "parked at",
+        "instance",
+        "epoch",
+        "n",
+        "waiting for",
+        "event",
+        "type",
+    )
+    for row in rows:
+        table.add_row(
+            cell(row["parked_at"]),
+            cell(row["instance_id"]),
+            cell(row["epoch"]),
+            cell(row["n"]),
+            cell(row["waiting_for"], "yellow"),
+            cell(row["event_id"]),
+            cell(row["type"]),
         )
     console().print(table)
 

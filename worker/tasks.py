@@ -57,10 +57,16 @@ from events import (
 from events.publish import MAX_BATCH_SIZE, TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP
 from ledger.db import advisory_key, ensure_schema, is_postgres, is_transient_error, make_engine
 from ledger.policy import Policy, cached_policy
+from ledger.resequencer import SequenceError, Tag, parse_sequence
 from ledger.service import ApplyResult, Ledger, utcnow
 from ledger.settings import Settings, get_settings
 from worker.deliveries import DeliveryCounter, delivery_counter
-from worker.metrics import record_apply, record_sweep
+from worker.metrics import (
+    record_apply,
+    record_gaps_skipped,
+    record_released,
+    record_sweep,
+)
 from worker.transport import TASK_DEAD_LETTER
 
 log = logging.getLogger(__name__)
@@ -112,9 +118,14 @@ def _settings_of(app: Any) -> Settings:
 
 
 def _runtime(task: Task) -> _Runtime:
-    settings = _settings_of(task.app)
-    policy: Policy | None = getattr(task.app, "ledger_policy", None)
-    given: Engine | None = getattr(task.app, "ledger_engine", None)
+    return runtime_for(task.app)
+
+
+def runtime_for(app: Any) -> _Runtime:
+    """This process's engine, ledger and delivery counter for ``app`` (created on first use)."""
+    settings = _settings_of(app)
+    policy: Policy | None = getattr(app, "ledger_policy", None)
+    given: Engine | None = getattr(app, "ledger_engine", None)
     key = (settings.database_url, settings.broker_url, str(settings.policy_file))
     key += (id(policy), id(given))
     with _runtimes_lock:
@@ -128,7 +139,13 @@ def _runtime(task: Task) -> _Runtime:
             runtime = _Runtime(
                 settings,
                 engine,
-                Ledger(engine, policy),
+                Ledger(
+                    engine,
+                    policy,
+                    **settings.resequencer_options(),
+                    on_released=record_released,
+                    on_gaps_skipped=record_gaps_skipped,
+                ),
                 delivery_counter(
                     settings.broker_url,
                     visibility_timeout=settings.visibility_timeout,
@@ -169,11 +186,13 @@ def dispose_runtimes() -> None:
 
 @dataclass
 class _Message:
-    """What one message holds: per element its parse, raw text, event id and type."""
+    """What one message holds: per element its parse, raw text, type and publish number."""
 
     items: list[Parsed]
     raws: list[str | None]
     types: list[str | None]
+    # SPEC §9: one tag (or None) per element; None when the message carries no sequence.
+    sequence: list[Tag | None] | None = None
 
 
 def _arrived_json(value: Any) -> str:
@@ -193,9 +212,18 @@ def _element_type(element: Any) -> str | None:
     return value if isinstance(value, str) and len(value) <= 64 else None
 
 
+def _split_sequence(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The task's keyword arguments without ``sequence``, and the sequence (None if absent)."""
+    if "sequence" not in kwargs:
+        return kwargs, None
+    rest = dict(kwargs)
+    return rest, rest.pop("sequence")
+
+
 def _decode(kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> _Message:
     """Never raises: whatever arrived becomes events and/or rejections."""
     arrived = {"args": list(args), "kwargs": kwargs}
+    kwargs, sequence = _split_sequence(kwargs)
     name = "events" if kind == TASK_APPLY_BATCH else "event"
     if len(args) == 1 and not kwargs:
         value = args[0]
@@ -245,6 +273,11 @@ def _decode(kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> _Message:
         message.items.append(item)
         message.raws.append(raw)
         message.types.append(etype)
+    if sequence is not None:
+        try:
+            message.sequence = parse_sequence(sequence, len(elements))
+        except SequenceError as exc:
+            return _shape_error(f"{kind}: {exc}", arrived)
     return message
 
 
@@ -280,13 +313,15 @@ def _raw_elements(
     kind: str, args: Sequence[Any], kwargs: dict[str, Any]
 ) -> list[tuple[str | None, str]]:
     """``(event_id, raw)`` per element, without parsing anything (for poison messages)."""
+    arrived = {"args": list(args), "kwargs": kwargs}
+    kwargs, _ = _split_sequence(kwargs)
     name = "events" if kind == TASK_APPLY_BATCH else "event"
     if len(args) == 1 and not kwargs:
         value = args[0]
     elif not args and set(kwargs) == {name}:
         value = kwargs[name]
     else:
-        return [(None, _arrived_json({"args": list(args), "kwargs": kwargs}))]
+        return [(None, _arrived_json(arrived))]
     elements = value if kind == TASK_APPLY_BATCH and isinstance(value, list) else [value]
     out: list[tuple[str | None, str]] = []
     for element in elements:
@@ -348,14 +383,28 @@ def _backoff(settings: Settings, retries: int) -> float:
     )
 
 
-def _dead_letter_or_retry(
-    task: Task, runtime: _Runtime, refusals: list[Parsed], types: list[str | None]
-) -> list[dict]:
-    """Store ``refusals`` and complete the message. If even that fails on a transient error (the
-    database is down for longer than the retries), keep the message alive with a retry every
-    ``retry_backoff_max`` seconds rather than lose it."""
+def _tags_of(kwargs: dict[str, Any], elements: int) -> list[Tag | None] | None:
+    """The message's sequence for a refusal of ``elements`` items, if it fits them (a message
+    refused whole fills every number its sequence names, SPEC §9)."""
+    _, sequence = _split_sequence(kwargs)
     try:
-        results = runtime.ledger.apply(refusals)
+        return parse_sequence(sequence, elements) if sequence is not None else None
+    except SequenceError:
+        return None
+
+
+def _dead_letter_or_retry(
+    task: Task,
+    runtime: _Runtime,
+    refusals: list[Parsed],
+    types: list[str | None],
+    sequence: list[Tag | None] | None = None,
+) -> list[dict]:
+    """Store ``refusals`` (filling their publish numbers) and complete the message. If even that
+    fails on a transient error (the database is down for longer than the retries), keep the
+    message alive with a retry every ``retry_backoff_max`` seconds rather than lose it."""
+    try:
+        results = runtime.ledger.apply(refusals, sequence=sequence)
     except Exception as exc:
         if not _is_transient(exc):
             raise
@@ -377,7 +426,9 @@ def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> 
         log.error("%s[%s] delivered %d times without completing", kind, task_id, deliveries)
         error = f"delivered {deliveries} times without completing"
         refusals = _undecoded(_raw_elements(kind, args, kwargs), error)
-        outcomes = _dead_letter_or_retry(task, runtime, refusals, [None] * len(refusals))
+        outcomes = _dead_letter_or_retry(
+            task, runtime, refusals, [None] * len(refusals), _tags_of(kwargs, len(refusals))
+        )
         runtime.deliveries.clear(task_id)
         return outcomes
 
@@ -389,7 +440,9 @@ def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> 
         for start in range(0, len(message.items), MAX_BATCH_SIZE):
             stop = start + MAX_BATCH_SIZE
             results += runtime.ledger.apply(
-                message.items[start:stop], raws=message.raws[start:stop]
+                message.items[start:stop],
+                raws=message.raws[start:stop],
+                sequence=message.sequence[start:stop] if message.sequence else None,
             )
     except Retry:
         raise
@@ -412,9 +465,11 @@ def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> 
         if message is None:  # decoding itself failed
             refusals = _undecoded(_raw_elements(kind, args, kwargs), error)
             types: list[str | None] = [None] * len(refusals)
+            sequence = _tags_of(kwargs, len(refusals))
         else:
             refusals, types = _refusals(message, error), message.types
-        outcomes = _dead_letter_or_retry(task, runtime, refusals, types)
+            sequence = message.sequence
+        outcomes = _dead_letter_or_retry(task, runtime, refusals, types, sequence)
         runtime.deliveries.clear(task_id)
         return outcomes
     record_apply(results, types=message.types, seconds=time.perf_counter() - started)

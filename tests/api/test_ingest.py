@@ -19,7 +19,7 @@ from tests.api.helpers import (
     queue_length,
     raw_request,
 )
-from tests.support import Events
+from tests.support import Events, message_body
 from worker.api.middleware import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,7 +92,6 @@ def test_json_array_enqueues_valid_and_dead_letters_invalid(
 
 
 def test_enqueued_messages_are_apply_batch_tasks(client, redis_url: str) -> None:
-    import base64
 
     import redis
 
@@ -111,7 +110,7 @@ def test_enqueued_messages_are_apply_batch_tasks(client, redis_url: str) -> None
     for message in reversed(raw):  # LPUSHed: the oldest is last
         envelope = json.loads(message)
         assert envelope["headers"]["task"] == "quota_ledger.apply_batch"
-        args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        args, _kwargs, _embed = message_body(envelope)
         ids.extend(event["event_id"] for event in args[0])
     assert ids == [event["event_id"] for event in events]
 

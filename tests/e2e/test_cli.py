@@ -51,6 +51,7 @@ SHOW_KEYS = {
     "filings",
     "entries",
     "head_hash",
+    "parked",  # SPEC §9
 }
 HISTORY_KEYS = {
     "seq",

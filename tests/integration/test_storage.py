@@ -60,6 +60,9 @@ SCHEMA: dict[str, set[str]] = {
         "accepted_at", "accept_order", "withdrawn_at",
     },
     "dead_letters": {"id", "received_at", "event_id", "code", "error", "raw"},
+    # The resequencer's working state (SPEC §9), outside the ledger.
+    "sequencer_gates": {"instance_id", "epoch", "last", "parked", "updated_at"},
+    "parked_events": {"instance_id", "epoch", "n", "event_id", "type", "raw", "parked_at"},
 }  # fmt: skip
 
 
@@ -99,7 +102,8 @@ def test_migrations_ship_inside_the_package() -> None:
     assert (migrations / "env.py").is_file()
     assert (migrations / "script.py.mako").is_file()
     assert (migrations / "versions" / "0001_initial.py").is_file()
-    assert head_revision() == "0001"
+    assert (migrations / "versions" / "0002_resequencer.py").is_file()
+    assert head_revision() == "0002"
 
 
 def test_upgrade_is_idempotent(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,7 +224,7 @@ def test_alembic_cli_upgrades_and_reports_no_drift(db_url: str) -> None:
         return done.stdout + done.stderr
 
     alembic("upgrade", "head")
-    assert "0001 (head)" in alembic("current")
+    assert "0002 (head)" in alembic("current")
     assert "No new upgrade operations detected" in alembic("check")
 
 

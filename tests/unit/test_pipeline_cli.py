@@ -3,7 +3,6 @@ registration of ``publish`` / ``worker`` / ``beat`` on the CLI."""
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from events.publish import QUEUE_EVENTS, close_producer
 from ledger.db import make_engine
 from ledger.settings import get_settings
 from ledger.tables import DeadLetter
-from tests.support import Events
+from tests.support import Events, message_body
 from worker.cli import app
 from worker.embedded import fake_redis_server
 
@@ -41,7 +40,7 @@ def _queued_batches(url: str) -> list[list[dict]]:
     client = redis.Redis.from_url(url)
     try:
         raw = reversed(client.lrange(QUEUE_EVENTS, 0, -1))
-        return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in raw]
+        return [message_body(json.loads(m))[0][0] for m in raw]
     finally:
         client.close()
 

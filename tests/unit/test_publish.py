@@ -3,7 +3,6 @@ wire, batch splitting, and validation before anything is sent."""
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from events.publish import (
     publish,
     publish_many,
 )
-from tests.support import Events
+from tests.support import Events, message_body
 from worker.embedded import fake_redis_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,8 +46,9 @@ def _messages(client: redis.Redis) -> list[dict[str, Any]]:
 
 
 def _body(message: dict[str, Any]) -> Any:
-    assert message["properties"]["body_encoding"] == "base64"
-    return json.loads(base64.b64decode(message["body"]))
+    # UTF-8 JSON text, not base64: the enqueue script writes the sequence into it (SPEC §9).
+    assert message["properties"]["body_encoding"] == "utf-8"
+    return message_body(message)
 
 
 def test_message_format_is_a_json_celery_v2_task_on_the_events_queue(broker) -> None:
@@ -68,7 +68,9 @@ def test_message_format_is_a_json_celery_v2_task_on_the_events_queue(broker) -> 
     assert message["properties"]["delivery_mode"] == 2
 
     args, kwargs, embed = _body(message)
-    assert kwargs == {}
+    # The publish number of each element, per instance, under the broker's epoch (SPEC §9).
+    assert kwargs == {"sequence": {"epoch": kwargs["sequence"]["epoch"], "numbers": [["i-fmt", 1]]}}
+    assert kwargs["sequence"]["epoch"] > 1_700_000_000_000_000  # microseconds of Redis TIME
     assert set(embed) >= {"callbacks", "errbacks", "chain", "chord"}
     # One argument: the array of canonical payloads (every field, defaults included).
     assert args == [[validate_event(event).model_dump(mode="json")]]

@@ -130,10 +130,10 @@ def test_message_level_failure_dead_letters_every_event_as_processing_error(
 ) -> None:
     real_apply = Ledger.apply
 
-    def broken(self, items, *, raws=None):
+    def broken(self, items, *, raws=None, sequence=None):
         if any(isinstance(item, BaseEvent) for item in items):
             raise RuntimeError("projection writer exploded\nSELECT … (a long SQL statement)")
-        return real_apply(self, items, raws=raws)
+        return real_apply(self, items, raws=raws, sequence=sequence)
 
     monkeypatch.setattr(Ledger, "apply", broken)
     factory = Events("pe")
@@ -157,11 +157,11 @@ def test_transient_errors_are_retried_then_dead_lettered(app, sqlite_url, monkey
     real_apply = Ledger.apply
     calls = []
 
-    def flaky(self, items, *, raws=None):
+    def flaky(self, items, *, raws=None, sequence=None):
         if any(isinstance(item, BaseEvent) for item in items):
             calls.append(1)
             raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionError("db gone"))
-        return real_apply(self, items, raws=raws)
+        return real_apply(self, items, raws=raws, sequence=sequence)
 
     monkeypatch.setattr(Ledger, "apply", flaky)
     task = app.tasks[TASK_APPLY_BATCH]
@@ -203,10 +203,10 @@ def test_a_message_that_never_completes_is_dead_lettered_after_max_deliveries(
 
     real_apply = Ledger.apply
 
-    def killer(self, items, *, raws=None):
+    def killer(self, items, *, raws=None, sequence=None):
         if any(isinstance(item, BaseEvent) for item in items):
             raise Killed
-        return real_apply(self, items, raws=raws)
+        return real_apply(self, items, raws=raws, sequence=sequence)
 
     monkeypatch.setattr(Ledger, "apply", killer)
     event = Events("poison").purchase("i-poison")

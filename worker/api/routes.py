@@ -19,6 +19,7 @@ from events import PRODUCT_TYPES, Event, EventRejection, iso_utc
 from ledger.queries import (
     instance_history,
     iter_instances,
+    parked_events,
     rejected_events,
     service_number_info,
     show_instance,
@@ -237,6 +238,21 @@ def list_rejected(
         rows = rows[:limit]
         next_cursor = encode_cursor("rejected", rows[-1]["id"])
     return ApiJSONResponse({"items": rows, "next_cursor": next_cursor})
+
+
+@api.get(
+    "/parked",
+    dependencies=read,
+    response_model=None,
+    responses=_responses(list[schemas.ParkedEvent]),
+    summary="Events parked behind a gap in publish numbers, oldest first (`parked --json`)",
+)
+def list_parked(
+    instance: str | None = Query(None, description="Only this instance's parked events."),
+    limit: int = LimitQuery,
+    session: Session = Depends(db_session),
+) -> Response:
+    return ApiJSONResponse(parked_events(session, instance_id=instance, limit=limit))
 
 
 # --- ingest --------------------------------------------------------------------------------------

@@ -87,6 +87,19 @@ class InstanceView(_Model):
     filings: list[Filing]
     entries: int
     head_hash: Hash
+    parked: int = Field(description="Events parked behind a gap in publish numbers (SPEC §9)")
+
+
+class ParkedEvent(_Model):
+    """One row of ``quota-ledger parked --json`` (SPEC §9)."""
+
+    instance_id: str
+    epoch: int
+    n: int
+    event_id: str
+    type: str
+    parked_at: IsoTime
+    waiting_for: int = Field(description="The publish number the instance waits for")
 
 
 class Entry(_Model):
