@@ -83,16 +83,23 @@ class _Worker:
         self.log.close()
 
 
-def _send(task: str, payloads: Sequence[list[dict[str, Any]]], broker_url: str) -> None:
-    """Send messages exactly as ``events.publish.enqueue_batches`` does, by task name."""
+def _send(
+    task: str,
+    payloads: Sequence[list[dict[str, Any]]],
+    broker_url: str,
+    sequences: Sequence[dict[str, Any]] | None = None,
+) -> None:
+    """Send messages by task name with Celery's own producer (as ``enqueue_batches`` did before
+    it numbered them), optionally with a ``sequence`` keyword argument each."""
     from events.publish import PUBLISH_RETRY_POLICY, producer_app
 
     app = producer_app(broker_url)
     with app.producer_or_acquire() as producer:
-        for args in payloads:
+        for index, args in enumerate(payloads):
             app.send_task(
                 task,
                 args=[args],
+                kwargs={"sequence": sequences[index]} if sequences else None,
                 queue=QUEUE,
                 routing_key=QUEUE,
                 producer=producer,
@@ -150,7 +157,29 @@ def _events(lines: list[str]) -> list[Any]:
     return events
 
 
-def _run_ledger(ctx: Context, lines: list[str], batch_size: int) -> tuple[float, str, int]:
+Publisher = Callable[[list[Any], int, str], None]
+
+
+def _sequenced(events: list[Any], batch_size: int, broker_url: str) -> None:
+    """The project's publisher: every element numbered per instance (SPEC §9)."""
+    from events.publish import enqueue_batches
+
+    enqueue_batches(events, batch_size=batch_size, broker_url=broker_url)
+
+
+def _unsequenced(events: list[Any], batch_size: int, broker_url: str) -> None:
+    """The same messages without numbers: applied on arrival, no resequencer."""
+    from events import event_to_payload
+    from events.publish import TASK_APPLY_BATCH
+
+    payloads = [event_to_payload(event) for event in events]
+    batches = [payloads[i : i + batch_size] for i in range(0, len(payloads), batch_size)]
+    _send(TASK_APPLY_BATCH, batches, broker_url)
+
+
+def _run_ledger(
+    ctx: Context, lines: list[str], batch_size: int, publisher: Publisher = _sequenced
+) -> tuple[float, str, int]:
     """Publish ``lines`` through the pipeline into a fresh database; returns (seconds, url,
     rows appended or dead-lettered). The caller drops the database."""
     from events.publish import close_producer, enqueue_batches
@@ -164,7 +193,7 @@ def _run_ledger(ctx: Context, lines: list[str], batch_size: int) -> tuple[float,
         enqueue_batches(warmup, batch_size=1, broker_url=ctx.redis.url)
         _wait_drained(ctx, worker, timeout=WORKER_TIMEOUT_S, done=_row_counter(url, 4))
         started = time.perf_counter()
-        enqueue_batches(events, batch_size=batch_size, broker_url=ctx.redis.url)
+        publisher(events, batch_size, ctx.redis.url)
         finished = _wait_drained(
             ctx,
             worker,
@@ -291,6 +320,72 @@ def batched(ctx: Context) -> Result:
     )
 
 
-CELERY_SCENARIOS = {"celery_single": single, "celery_batched": batched}
+def _shuffled(events: list[Any], batch_size: int, broker_url: str) -> None:
+    """One-event messages numbered in publish order, then sent with each instance's messages
+    shuffled (a fixed seed): most events arrive ahead of a gap, park, and drain."""
+    import random
+
+    from events import event_to_payload
+    from events.publish import TASK_APPLY_BATCH
+
+    epoch = 1
+    counters: dict[str, int] = {}
+    messages: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
+    for event in events:
+        counters[event.instance_id] = counters.get(event.instance_id, 0) + 1
+        sequence = {"epoch": epoch, "numbers": [[event.instance_id, counters[event.instance_id]]]}
+        messages.append(([event_to_payload(event)], sequence))
+    random.Random(20261202).shuffle(messages)
+    _send(TASK_APPLY_BATCH, [m[0] for m in messages], broker_url, [m[1] for m in messages])
+
+
+def resequencer(ctx: Context) -> Result:
+    """What the resequencer costs: the same events through the same worker, numbered (the
+    project's publisher) and not numbered (applied on arrival), in one-event messages and in
+    messages of 500; and one-event messages delivered shuffled, so that most of them park."""
+    count = ctx.n(10_000, 200)
+    lines = data.event_lines(count, prefix="r-")
+    figures: dict[str, Any] = {"events": count}
+    for label, batch, publisher in (
+        ("single_sequenced", 1, _sequenced),
+        ("single_unsequenced", 1, _unsequenced),
+        ("single_shuffled", 1, _shuffled),
+        ("batched_sequenced", 500, _sequenced),
+        ("batched_unsequenced", 500, _unsequenced),
+    ):
+        ctx.log(f"resequencer: {count:,} events, {label} …")
+        seconds, url, _ = _run_ledger(ctx, lines, batch, publisher)
+        ctx.postgres.drop(url)
+        figures[f"{label}_events_per_s"] = round(rate(count, seconds))
+    numbered, plain = (figures[f"single_{k}_events_per_s"] for k in ("sequenced", "unsequenced"))
+    single_cost = numbered / plain
+    figures["batched_ratio"] = round(
+        figures["batched_sequenced_events_per_s"] / figures["batched_unsequenced_events_per_s"], 3
+    )
+    figures["shuffled_ratio"] = round(
+        figures["single_shuffled_events_per_s"] / figures["single_sequenced_events_per_s"], 3
+    )
+    return Result(
+        "resequencer",
+        "resequencer cost",
+        f"{count:,} events: numbered vs not numbered (one-event messages and messages of 500), "
+        "and shuffled vs in-order one-event messages: events/s",
+        figures,
+        {
+            "what": "the same events, not numbered (applied on arrival), same worker",
+            "events_per_s": figures["single_unsequenced_events_per_s"],
+        },
+        single_cost,
+        "informational (no target): ratio = numbered / not numbered, one-event messages",
+        None,
+        params={"concurrency": 2, "batch_sizes": [1, 500], "shuffle_seed": 20261202},
+    )
+
+
+CELERY_SCENARIOS = {
+    "celery_single": single,
+    "celery_batched": batched,
+    "resequencer": resequencer,
+}
 if not _pipeline_available():  # pragma: no cover - the pipeline ships with the project
     CELERY_SCENARIOS = {}

@@ -61,6 +61,14 @@ def _headline(result: dict[str, Any]) -> tuple[str, str]:
             f"{f['seconds']:.2f} s ({f['due']:,} due of {f['instances']:,})",
             f"{b['seconds']:.2f} s ({b['instances']:,} instances)",
         )
+    if name == "resequencer":
+        return (
+            f"numbered {f['single_sequenced_events_per_s']:,} events/s (one-event messages), "
+            f"{f['batched_sequenced_events_per_s']:,} (messages of 500, "
+            f"{f['batched_ratio']:.2f} of not numbered); shuffled "
+            f"{f['single_shuffled_events_per_s']:,} ({f['shuffled_ratio']:.2f} of in order)",
+            f"not numbered {b['events_per_s']:,} events/s",
+        )
     if "tasks_per_s" in b:
         return f"{f['events_per_s']:,} events/s", f"{b['tasks_per_s']:,} no-op tasks/s"
     return f"{f['events_per_s']:,} events/s", f"{b['rows_per_s']:,} rows/s"
@@ -84,7 +92,11 @@ def render_table(results: list[dict[str, Any]], machine: dict[str, Any], console
             base,
             "—" if result["ratio"] is None else f"{result['ratio']:.3f}",
             result["target"],
-            "[green]yes[/green]" if result["met"] else "[red]no[/red]",
+            "—"
+            if result["met"] is None
+            else "[green]yes[/green]"
+            if result["met"]
+            else "[red]no[/red]",
         )
     console.print(table)
     console.print(

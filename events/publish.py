@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import kombu.exceptions
@@ -41,6 +42,7 @@ from events.models import BaseEvent, Event
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "ENQUEUE_SCRIPT",
     "MAX_BATCH_SIZE",
     "PUBLISH_CONNECT_SECONDS",
     "PUBLISH_RETRY_POLICY",
@@ -238,27 +240,9 @@ def _validate_all(items: Iterable[object]) -> list[Event]:
 SEQUENCE_KEY = "quota_ledger.sequence"
 _EPOCH_FIELD = "~epoch"
 
-#: Numbers the elements of one message and enqueues it, atomically (a failed publish burns no
-#: number). The message's JSON text arrives cut in two around its ``sequence`` keyword
-#: argument, which is written here: inside the body (a JSON string in the envelope) its quotes
-#: are escaped. Instance ids need no other escaping: their charset is ``[A-Za-z0-9._:-]``.
-_ENQUEUE_SCRIPT = r"""
-local epoch = redis.call('HGET', KEYS[1], ARGV[1])
-if not epoch then
-  local now = redis.call('TIME')
-  epoch = now[1] .. string.format('%06d', tonumber(now[2]))
-  redis.call('HSET', KEYS[1], ARGV[1], epoch)
-end
-local numbers = {}
-for i = 4, #ARGV do
-  local n = redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
-  numbers[#numbers + 1] = '[\\"' .. ARGV[i] .. '\\",' .. n .. ']'
-end
-local sequence = '{\\"epoch\\":' .. epoch
-  .. ',\\"numbers\\":[' .. table.concat(numbers, ',') .. ']}'
-redis.call('LPUSH', KEYS[2], ARGV[2] .. sequence .. ARGV[3])
-return epoch
-"""
+#: The script that numbers a message's elements and enqueues it in one atomic step
+#: (``events/enqueue.lua``, shipped for publishers in other languages too).
+ENQUEUE_SCRIPT = (Path(__file__).with_name("enqueue.lua")).read_text(encoding="utf-8")
 
 
 def _message_text(app: Celery, payloads: list[dict[str, Any]]) -> tuple[str, str]:
@@ -357,7 +341,7 @@ def enqueue_batches(
     url = _broker_url(broker_url)
     app = producer_app(url)
     client = _redis_client(url)
-    script = client.register_script(_ENQUEUE_SCRIPT)
+    script = client.register_script(ENQUEUE_SCRIPT)
     for start in range(0, len(payloads), batch_size):
         stop = start + batch_size
         before, after = _message_text(app, payloads[start:stop])

@@ -643,6 +643,7 @@ READ_ROUTES = [
     "/v1/instances",
     f"/v1/service-numbers/{SCENARIO.used_number}",
     "/v1/rejected",
+    "/v1/parked",
 ]
 
 

@@ -24,7 +24,13 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlmodel import Session
 
-from ledger.queries import instance_history, load_state, service_number_info, show_instance
+from ledger.queries import (
+    instance_history,
+    load_state,
+    parked_events,
+    service_number_info,
+    show_instance,
+)
 from ledger.reasons import REASONS, explain
 from worker.api.auth import bearer_token
 from worker.api.deps import (
@@ -415,6 +421,7 @@ def instance_page(
             404, "not_found", f"The ledger has no entry for instance {quoted(instance_id)}."
         )
     entries = instance_history(session, instance_id=instance_id)
+    parked = parked_events(session, instance_id=instance_id, limit=100) if view["parked"] else []
     product = state.policy.products.get(view["product_type"] or "")
     reason_texts = {
         code: explain(code, product)
@@ -429,6 +436,7 @@ def instance_page(
         {
             "view": view,
             "entries": list(reversed(entries)),
+            "parked": parked,
             "at": at if when is not None else None,
             "product": product,
             "eligibility_label": ELIGIBILITY_LABELS.get(
