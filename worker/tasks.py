@@ -3,7 +3,7 @@
 Thin on purpose: no rule lives here. ``apply_batch`` hands the whole message to
 ``Ledger.apply`` (one transaction; instances locked in sorted order; entries bulk-inserted).
 
-Failure handling (README "Architecture"):
+Failure handling (docs/architecture.md):
 
 * a malformed element (not JSON, not an object, invalid event) is dead-lettered by the ledger
   like any invalid line, and the rest of the message is applied;
