@@ -75,6 +75,8 @@ def apply(
     counts: Counter[str] = Counter()
     notable: list[tuple[int, dict[str, Any]]] = []
     omitted = 0
+    # The numbers issued, for the operator who must hand them to the filing (first ones only).
+    issued: list[tuple[int, str, str]] = []
     with open_input(file) as (stream, size, label), run.engine() as engine:
         ledger = Ledger(engine, policy)
         show_progress = (
@@ -94,10 +96,17 @@ def apply(
                             notable.append((line.number, data))
                         else:
                             omitted += 1
+                    elif (
+                        data["outcome"] == "applied"
+                        and getattr(line.item, "type", None) == "service_number.requested"
+                        and data["service_number"]
+                        and len(issued) < APPLY_LISTED
+                    ):
+                        issued.append((line.number, line.item.instance_id, data["service_number"]))
                 if run.json:
                     sys.stdout.flush()
     if not run.json:
-        render.apply_summary(label, counts, notable, omitted)
+        render.apply_summary(label, counts, notable, omitted, issued)
     if counts["invalid"]:
         raise typer.Exit(1)
 
