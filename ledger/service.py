@@ -39,7 +39,7 @@ from ledger.resequencer import Gate, Step, Tag, skip_timed_out
 from ledger.results import ApplyResult, Prior, entry_service_number, invalid_result, storable_text
 from ledger.settings import DEFAULT_GAP_TIMEOUT, DEFAULT_MAX_PARKED
 from ledger.state import InstanceState
-from ledger.store import SqlStore, due_expiries, due_gate_instances, in_transaction
+from ledger.store import SqlStorage, Storage, Transaction
 from ledger.sweep import sweep_expiry
 
 __all__ = ["ApplyResult", "Ledger", "utcnow"]
@@ -55,7 +55,7 @@ class Ledger:
 
     def __init__(
         self,
-        engine: Engine,
+        storage: Engine | Storage,
         policy: Policy,
         *,
         new_number: Callable[[], str] = new_service_number,
@@ -66,7 +66,9 @@ class Ledger:
         on_released: Callable[[list[ApplyResult]], None] | None = None,
         on_gaps_skipped: Callable[[int], None] | None = None,
     ) -> None:
-        self.engine = engine
+        # A database (the engine of SqlStorage), or any Storage (tests: MemoryStorage).
+        self.storage: Storage = SqlStorage(storage) if isinstance(storage, Engine) else storage
+        self.engine: Engine | None = storage if isinstance(storage, Engine) else None
         self.policy = policy
         self.new_number = new_number
         self.clock = clock
@@ -116,22 +118,22 @@ class Ledger:
         texts = list(raws) if raws else [None] * len(items)
         tags = list(sequence) if sequence else [None] * len(items)
         work = partial(self._transaction, items=items, raws=texts, tags=tags)
-        return in_transaction(self.engine, work, self.max_attempts)
+        return self.storage.run(work, self.max_attempts)
 
     def release_due(self, *, max_instances: int = 200) -> int:
         """The periodic resequencer check (SPEC §9): for every instance whose oldest parked
         event has waited the gap timeout, skip its timed-out gaps and apply the run behind them;
         release what an earlier transaction's budget left ready. Returns how many instances
         were handled (each in its own transaction)."""
-        due = due_gate_instances(self.engine, timeout=self.gap_timeout, limit=max_instances)
+        due = self.storage.due_gate_instances(timeout=self.gap_timeout, limit=max_instances)
         for iid in due:
             check = partial(self._transaction, items=[], raws=[], tags=[], gate_checks=[iid])
-            in_transaction(self.engine, check, self.max_attempts)
+            self.storage.run(check, self.max_attempts)
         return len(due)
 
     def _transaction(
         self,
-        store: SqlStore,
+        store: Transaction,
         items: Sequence[Parsed],
         raws: list[str | None],
         tags: list[Tag | None],
@@ -220,7 +222,7 @@ class Ledger:
         return [result for result in results if result is not None]
 
     def _gates(
-        self, store: SqlStore, tags: list[Tag | None], gate_checks: Sequence[str]
+        self, store: Transaction, tags: list[Tag | None], gate_checks: Sequence[str]
     ) -> tuple[dict[str, Gate], list[Step]]:
         """The gates of the numbered instances, and the steps of the periodic check's skips."""
         gated = sorted({tag.instance_id for tag in tags if tag is not None} | set(gate_checks))
@@ -254,7 +256,7 @@ class Ledger:
         are duplicates, never double expiries. Sweep expiries bypass the resequencer."""
         expired = 0
         after: tuple[datetime, str] | None = None
-        while due := due_expiries(self.engine, now=now, after=after, limit=chunk_size):
+        while due := self.storage.due_expiries(now=now, after=after, limit=chunk_size):
             events = [sweep_expiry(instance_id, expires_at) for instance_id, expires_at in due]
             expired += sum(1 for r in self.apply(events) if r.outcome == "applied")
             after = (due[-1][1], due[-1][0])

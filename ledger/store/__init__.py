@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
@@ -37,7 +37,10 @@ from ledger.tables import DeadLetter, InstanceRow, LedgerEntry
 
 __all__ = [
     "ParkedRow",
+    "SqlStorage",
     "SqlStore",
+    "Storage",
+    "Transaction",
     "due_expiries",
     "due_gate_instances",
     "in_transaction",
@@ -65,6 +68,41 @@ _PRIORS_QUERIES = {
     ).where(id_in(_ENTRIES.c.event_id, postgres))
     for postgres in (False, True)
 }
+
+
+class Transaction(Protocol):
+    """What the service asks of its storage inside one transaction (SPEC §6: the instances it
+    touches are locked from ``lock`` until the end)."""
+
+    def lock(self, instance_ids: Sequence[str]) -> dict[str, InstanceState]: ...
+    def priors(self, event_ids: Iterable[str]) -> dict[str, Prior]: ...
+    def gates(self, instance_ids: Sequence[str]) -> dict[str, Gate]: ...
+    def parked(self, releases: Iterable[Release]) -> dict[tuple[str, int, int], ParkedRow]: ...
+    def now(self) -> datetime: ...
+    def save(
+        self,
+        *,
+        dead_letters: list[dict[str, Any]],
+        entries: list[dict[str, Any]],
+        states: dict[str, InstanceState],
+        recorded_at: datetime,
+        gates: Iterable[Gate] = (),
+        parked: list[dict[str, Any]] | None = None,
+        released: list[Release] | None = None,
+    ) -> None: ...
+
+
+class Storage(Protocol):
+    """Where the ledger lives: transactions, and the two queries that find work without an
+    arrival (due gap timeouts, due expiries). ``SqlStorage`` is the real one;
+    ``ledger.store.memory.MemoryStorage`` the same on plain dicts, for the rule and property
+    tests and the simulation's model."""
+
+    def run(self, work: Callable[[Transaction], T], max_attempts: int) -> T: ...
+    def due_gate_instances(self, *, timeout: float, limit: int) -> list[str]: ...
+    def due_expiries(
+        self, *, now: datetime, after: tuple[datetime, str] | None, limit: int
+    ) -> list[tuple[str, datetime]]: ...
 
 
 class SqlStore:
@@ -235,3 +273,21 @@ def sweep_lock(engine: Engine) -> Iterator[bool]:
             text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK_KEY}
         ).scalar_one()
         yield bool(locked)
+
+
+class SqlStorage:
+    """:class:`Storage` on a SQLAlchemy engine (PostgreSQL or SQLite)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run(self, work: Callable[[Transaction], T], max_attempts: int) -> T:
+        return in_transaction(self.engine, work, max_attempts)
+
+    def due_gate_instances(self, *, timeout: float, limit: int) -> list[str]:
+        return due_gate_instances(self.engine, timeout=timeout, limit=limit)
+
+    def due_expiries(
+        self, *, now: datetime, after: tuple[datetime, str] | None, limit: int
+    ) -> list[tuple[str, datetime]]:
+        return due_expiries(self.engine, now=now, after=after, limit=limit)
