@@ -185,7 +185,7 @@ def run(
 
 
 def markdown(document: dict[str, Any]) -> str:
-    """The results as the Markdown table of README "Performance"."""
+    """The results as the Markdown table of docs/performance.md."""
     lines = [
         "| scenario | measure | result | baseline (same run) | ratio | target | met |",
         "|---|---|---|---|---|---|---|",

@@ -11,7 +11,7 @@ Two forms of the same stories:
 
 The loaded rows are REAL: each (story kind, start time) is recorded once by the pure write path
 (``validate_event`` → ``canonical_payload`` → ``ledger.entries.record`` →
-``ledger.service.instance_row_values`` / ``number_row_values`` / ``filing_row_values``) on a
+``ledger.store.rows.instance_row_values`` / ``number_row_values`` / ``filing_row_values``) on a
 placeholder instance id and placeholder service numbers, and every instance then gets that
 template with its own ids and its own random service numbers substituted. That is sound because
 the rules never look at an id's spelling (no two events of a story share an ``occurred_at``, so
@@ -42,8 +42,8 @@ from typing import Any
 from events import canonical_json, canonical_payload, iso_utc, validate_event
 from ledger.entries import record
 from ledger.policy import Policy, load_policy
-from ledger.service import filing_row_values, instance_row_values, number_row_values
 from ledger.state import InstanceState
+from ledger.store.rows import filing_row_values, instance_row_values, number_row_values
 
 # The clock of the read and sweep scenarios: every story starts between T0 and T0 + ~120 days;
 # "due" instances ended before NOW, every other one is expired, released, pay-as-you-go-free or

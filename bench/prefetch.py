@@ -1,5 +1,5 @@
 """How ``QUOTA_LEDGER_PREFETCH_MULTIPLIER`` was chosen: drain time of the same queue with
-multiplier 1, 4 and 16 (README "Celery settings").
+multiplier 1, 4 and 16 (docs/operations.md "Celery settings").
 
     python -m bench.prefetch [--concurrency 2] [--repeat 5]
 

@@ -1,4 +1,4 @@
-"""The benchmark scenarios (README "Performance"). Each returns a :class:`Result`; every figure is
+"""The benchmark scenarios (docs/performance.md). Each returns a :class:`Result`; every figure is
 measured in this run, and each ratio is against a baseline measured in this same run.
 """
 

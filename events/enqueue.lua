@@ -1,6 +1,6 @@
 -- Numbers the elements of one quota-ledger message and enqueues it, atomically (SPEC §9):
 -- a failed call burns no number. Publishers in other languages run this same script
--- (docs: README "Publishing from other languages").
+-- (docs/events.md "Publishing from other languages").
 --
 -- KEYS[1]  the sequence hash "quota_ledger.sequence": field "~epoch" (created once from the
 --          broker's own clock, Redis TIME, in microseconds) and one counter per instance id,

@@ -63,7 +63,7 @@ __all__ = [
     "task_queues",
 ]
 
-# --- the wire contract (README "Publishing from other languages") ----------------------------
+# --- the wire contract (docs/events.md "Publishing from other languages") ---------------
 
 TASK_APPLY_BATCH = "quota_ledger.apply_batch"
 TASK_APPLY_EVENT = "quota_ledger.apply_event"

@@ -29,16 +29,12 @@ from sqlmodel import Session
 
 from events import event_from_payload
 from ledger.chain import GENESIS_HASH, verify_chain
+from ledger.clock import utcnow
 from ledger.db import id_in, is_postgres, lock_instances
 from ledger.gc_tuning import fewer_collections
 from ledger.rules import fold
-from ledger.service import (
-    filing_row_values,
-    instance_row_values,
-    number_row_values,
-    utcnow,
-)
 from ledger.state import InstanceState
+from ledger.store.rows import filing_row_values, instance_row_values, number_row_values
 from ledger.tables import FilingRow, InstanceRow, LedgerEntry, ServiceNumberRow
 
 Progress = Callable[[int], None]

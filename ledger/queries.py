@@ -11,7 +11,7 @@ from sqlmodel import Session
 
 from ledger.policy import Policy
 from ledger.state import InstanceState, state_from_json
-from ledger.store import list_parked, parked_counts
+from ledger.store.parking import list_parked, parked_counts
 from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, ServiceNumberRow
 from ledger.views import (
     dead_letter_view,

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     ui_session_lifetime: int = Field(default=12 * 3600, ge=60)
     ui_login_attempts_per_minute: int = Field(default=10, ge=1)
 
-    # --- the Celery pipeline (worker/celery_app.py; README "Celery settings") ---------------
+    # --- the Celery pipeline (worker/celery_app.py; docs/operations.md "Celery settings") ----
     # Seconds a delivered, unacknowledged message stays invisible before Redis hands it to
     # another worker (only matters when a whole worker dies without a warm shutdown, or Redis
     # restarts under running tasks). Should be longer than the longest task plus the longest
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     # uses the shortest value of everybody sharing the broker.
     visibility_timeout: int = Field(default=600, ge=5)
     # Celery's worker_prefetch_multiplier: a worker holds at most multiplier × concurrency
-    # unacknowledged messages (bench/prefetch.py, README "Celery settings").
+    # unacknowledged messages (bench/prefetch.py, docs/operations.md "Celery settings").
     prefetch_multiplier: int = Field(default=1, ge=1)
     # A message started this many times without completing (it keeps killing its worker
     # process) is dead-lettered as ``processing_error`` and acknowledged.

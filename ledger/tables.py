@@ -30,6 +30,7 @@ from sqlalchemy.types import TypeEngine
 from sqlmodel import Field, SQLModel
 
 from ledger.chain import GENESIS_HASH
+from ledger.clock import utcnow
 
 __all__ = [
     "DeadLetter",
@@ -42,10 +43,6 @@ __all__ = [
     "UTCDateTime",
     "utcnow",
 ]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -12,8 +12,8 @@ from typing import Any
 from events import iso_utc
 from ledger.policy import Policy
 from ledger.reasons import explain
+from ledger.results import entry_service_number
 from ledger.rules import eligibility, product_of, subject_cap, website_cap
-from ledger.service import entry_service_number
 from ledger.state import InstanceState
 
 

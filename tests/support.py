@@ -1,5 +1,5 @@
-"""Test helpers: an event factory with readable defaults, deterministic service numbers, and an
-in-memory model of the ledger built on the same pure ``record`` the service uses."""
+"""Test helpers: an event factory with readable defaults, deterministic service numbers, the
+real ledger service on in-memory storage, and the decoding of a queued message."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import base64
 import itertools
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from events import Event, canonical_payload, iso_utc, validate_event
-from ledger.entries import record
+from events import BaseEvent, Event, iso_utc, parse_event_obj
 from ledger.policy import Policy
+from ledger.results import Prior
+from ledger.service import Ledger
 from ledger.state import InstanceState
+from ledger.store.memory import MemoryStorage
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -170,37 +171,40 @@ class Events:
         return event
 
 
-@dataclass
 class MemoryLedger:
-    """The ledger's semantics without a database: duplicates, chains, decisions, projections.
-
-    Used by property tests that need thousands of examples; the database-backed tests check that
-    the real store agrees with it.
+    """The real service (``ledger.service.Ledger``) on ``MemoryStorage``: duplicates, chains,
+    decisions, projections and the resequencer without a database, for tests that need
+    thousands of examples. The database-backed tests check that the SQL store agrees with it.
     """
 
-    policy: Policy
-    new_number: Any = field(default_factory=Numbers)
-    states: dict[str, InstanceState] = field(default_factory=dict)
-    entries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    seen: dict[str, tuple[str, str]] = field(default_factory=dict)
+    def __init__(self, policy: Policy, new_number: Any = None) -> None:
+        self.storage = MemoryStorage()
+        self.ledger = Ledger(self.storage, policy, new_number=new_number or Numbers())
 
     def apply(self, data: dict[str, Any] | Event) -> str:
-        event = validate_event(data)
-        payload = canonical_payload(event)
-        prior = self.seen.get(event.event_id)
-        if prior is not None:
-            return "duplicate" if prior == (event.instance_id, payload) else "invalid"
-        state = self.states.get(event.instance_id) or InstanceState(event.instance_id)
-        fields, state = record(
-            state, event, payload=payload, policy=self.policy, new_number=self.new_number
-        )
-        self.states[event.instance_id] = state
-        self.entries.setdefault(event.instance_id, []).append(fields)
-        self.seen[event.event_id] = (event.instance_id, payload)
-        return fields["outcome"]
+        """One event on its own; returns its outcome."""
+        item = data if isinstance(data, BaseEvent) else parse_event_obj(data)
+        (result,) = self.ledger.apply([item])
+        return result.outcome
 
     def apply_all(self, events: Iterable[dict[str, Any]]) -> list[str]:
         return [self.apply(event) for event in events]
+
+    @property
+    def states(self) -> dict[str, InstanceState]:
+        return self.storage.states
+
+    @property
+    def seen(self) -> dict[str, Prior]:
+        return self.storage.priors
+
+    @property
+    def entries(self) -> dict[str, list[dict[str, Any]]]:
+        """Each instance's entries, in order."""
+        grouped: dict[str, list[dict[str, Any]]] = {}
+        for entry in self.storage.entries:
+            grouped.setdefault(entry["instance_id"], []).append(entry)
+        return grouped
 
     def state(self, instance: str) -> InstanceState:
         return self.states.get(instance) or InstanceState(instance)

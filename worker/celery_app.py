@@ -51,7 +51,7 @@ class LedgerCelery(Celery):
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """The Celery configuration for ``settings`` (README "Celery settings")."""
+    """The Celery configuration for ``settings`` (docs/operations.md "Celery settings")."""
     visibility = settings.visibility_timeout
     return {
         "broker_url": settings.broker_url,

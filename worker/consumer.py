@@ -15,7 +15,8 @@ Celery's own consumer handles such messages in its main process, before any task
 Here each of them is also sent, with its body as text and the reason, to the task
 ``quota_ledger.dead_letter`` (``worker/tasks.py``), which stores it as ``invalid_event``; the
 message itself is then acknowledged as before. A message in a content type the worker refuses
-to read (pickle, YAML, …) is still refused unread and only logged (README "Celery settings").
+to read (pickle, YAML, …) is still refused unread and only logged (docs/operations.md,
+"Celery settings").
 """
 
 from __future__ import annotations

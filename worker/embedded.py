@@ -24,7 +24,8 @@ from sqlmodel import Session
 
 from events import BaseEvent, EventRejection, canonical_payload, parse_event
 from ledger.policy import Policy
-from ledger.service import ApplyResult, Ledger, entry_service_number, invalid_result
+from ledger.results import ApplyResult, entry_service_number, invalid_result
+from ledger.service import Ledger
 from ledger.settings import Settings
 from ledger.tables import DeadLetter, LedgerEntry
 

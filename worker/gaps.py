@@ -19,7 +19,7 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutdown
 from sqlmodel import Session
 
-from ledger.store import parked_summary
+from ledger.store.parking import parked_summary
 from worker.metrics import record_parked
 
 log = logging.getLogger(__name__)

@@ -295,7 +295,7 @@ def parked(rows: Sequence[Mapping[str, Any]]) -> None:
 
 # --- apply ------------------------------------------------------------------------------------
 
-OUTCOMES = ("applied", "rejected", "stale", "duplicate", "invalid")
+OUTCOMES = ("applied", "rejected", "stale", "duplicate", "invalid", "parked")
 
 
 def apply_summary(
@@ -303,8 +303,14 @@ def apply_summary(
     counts: Mapping[str, int],
     notable: Sequence[tuple[int, Mapping[str, Any]]],
     omitted: int,
+    issued: Sequence[tuple[int, str, str]] = (),
 ) -> None:
     out = console()
+    if issued:
+        numbers = _table("Service numbers issued", "line", "instance", "service number")
+        for line, instance_id, number in issued:
+            numbers.add_row(cell(line), cell(instance_id), cell(number, "green"))
+        out.print(numbers)
     if notable:
         table = _table("Rejected and invalid lines", "line", "event", "outcome", "reasons", "error")
         for line, result in notable:

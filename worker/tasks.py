@@ -3,7 +3,7 @@
 Thin on purpose: no rule lives here. ``apply_batch`` hands the whole message to
 ``Ledger.apply`` (one transaction; instances locked in sorted order; entries bulk-inserted).
 
-Failure handling (README "Architecture"):
+Failure handling (docs/architecture.md):
 
 * a malformed element (not JSON, not an object, invalid event) is dead-lettered by the ledger
   like any invalid line, and the rest of the message is applied;
@@ -39,7 +39,6 @@ from celery import Task, shared_task
 from celery.exceptions import Retry
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.time import get_exponential_backoff_interval
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from events import (
@@ -55,11 +54,14 @@ from events import (
     parse_iso_utc,
 )
 from events.publish import MAX_BATCH_SIZE, TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP
-from ledger.db import advisory_key, ensure_schema, is_postgres, is_transient_error, make_engine
+from ledger.clock import utcnow
+from ledger.db import ensure_schema, is_transient_error, make_engine
 from ledger.policy import Policy, cached_policy
 from ledger.resequencer import SequenceError, Tag, parse_sequence
-from ledger.service import ApplyResult, Ledger, utcnow
+from ledger.results import ApplyResult
+from ledger.service import Ledger
 from ledger.settings import Settings, get_settings
+from ledger.store import sweep_lock
 from worker.deliveries import DeliveryCounter, delivery_counter
 from worker.metrics import (
     record_apply,
@@ -72,16 +74,12 @@ from worker.transport import TASK_DEAD_LETTER
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SWEEP_LOCK_KEY",
     "apply_batch",
     "apply_event",
     "dead_letter",
     "dispose_runtimes",
     "sweep",
 ]
-
-#: The fixed PostgreSQL advisory-lock key that serialises sweeps across beats and workers.
-SWEEP_LOCK_KEY = advisory_key("quota-ledger:expiry-sweep")
 
 #: Longest error text kept in a dead letter for a message-level failure.
 _MAX_ERROR_CHARS = 1000
@@ -537,18 +535,12 @@ def sweep(self: Task, now: str | None = None) -> dict[str, Any]:
     when: datetime = parse_iso_utc(now) if now else utcnow()
     report: dict[str, Any] = {"as_of": iso_utc(when), "expired": 0, "skipped": False}
     chunk = runtime.settings.sweep_chunk_size
-    if not is_postgres(runtime.engine):
+    with sweep_lock(runtime.engine) as locked:
+        if not locked:
+            log.info("sweep as of %s skipped: another sweep holds the lock", report["as_of"])
+            report["skipped"] = True
+            return report
         report["expired"] = runtime.ledger.sweep(now=when, chunk_size=chunk)
-    else:
-        with runtime.engine.connect() as connection, connection.begin():
-            locked = connection.execute(
-                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK_KEY}
-            ).scalar_one()
-            if not locked:
-                log.info("sweep as of %s skipped: another sweep holds the lock", report["as_of"])
-                report["skipped"] = True
-                return report
-            report["expired"] = runtime.ledger.sweep(now=when, chunk_size=chunk)
     record_sweep(report["expired"])
     log.info("sweep as of %s expired %d instance(s)", report["as_of"], report["expired"])
     return report

@@ -45,7 +45,7 @@ TASK_DEAD_LETTER = "quota_ledger.dead_letter"
 
 def dead_letter_envelope(raw: str, error: str, queue: str) -> dict[str, Any]:
     """A well-formed ``quota_ledger.dead_letter(raw, error)`` message for ``queue`` (protocol 2,
-    JSON, kombu's Redis envelope: README "Publishing from other languages")."""
+    JSON, kombu's Redis envelope: docs/events.md "Publishing from other languages")."""
     task_id = str(uuid.uuid4())
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
     body = json.dumps([[raw, error], {}, embed]).encode("utf-8", "surrogatepass")

@@ -48,7 +48,7 @@ def envelope(
     drop: tuple[str, ...] = (),
     content_type: str = "application/json",
 ) -> str:
-    """kombu's Redis envelope (README "Publishing from other languages") around ``body``."""
+    """kombu's Redis envelope (docs/events.md "Publishing from other languages") around ``body``."""
     task_id = str(uuid.uuid4())
     document = {
         "body": base64.b64encode(body).decode("ascii") if encoded else body.decode("latin-1"),
@@ -168,7 +168,7 @@ def test_poison_messages_are_dead_lettered_once_and_the_worker_goes_on(pipeline,
             "no task id": envelope(_body([[]]), drop=("id",)),
             "body not a protocol-2 triple": envelope(b'"hello"'),
             "body an object": envelope(b'{"args": 1}'),
-            # Refused unread (JSON only): logged, not stored (README "Celery settings").
+            # Refused unread (JSON only): logged, not stored (docs/operations.md "Celery settings").
             "text/plain body": envelope(b"hello", content_type="text/plain"),
         }
         for item in raw_items.values():

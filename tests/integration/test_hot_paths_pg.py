@@ -12,11 +12,13 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import Engine, text
 
-import ledger.service as service
+import ledger.store as store
+import ledger.store.rows as rows
 from ledger.audit import rebuild, verify
 from ledger.db import make_engine, upgrade
 from ledger.policy import load_policy
 from ledger.service import Ledger
+from ledger.store import SqlStore
 from tests.support import Events, Numbers
 
 pytestmark = pytest.mark.postgres
@@ -88,7 +90,7 @@ def test_copy_writes_the_rows_insert_writes(
 ) -> None:
     events = _events()
     copied = _apply(postgres_url, events)
-    monkeypatch.setattr(service, "_COPY_MIN_ROWS", 10**9)  # executemany INSERT everywhere
+    monkeypatch.setattr(rows, "_COPY_MIN_ROWS", 10**9)  # executemany INSERT everywhere
     inserted = _apply(second_postgres_url, events)
     assert copied == inserted
     assert len(copied["entries"]) == len(events)
@@ -107,14 +109,14 @@ def test_unique_violation_in_copy_is_retried(
         ledger.apply(events[:10])
         # Pretend the first attempt raced past another applier: it does not see the first ten
         # entries, so its COPY hits uq_ledger_entries_event_id; the retry sees them.
-        real = service._load_priors
+        real = SqlStore.priors
         calls = itertools.count()
         monkeypatch.setattr(
-            service,
-            "_load_priors",
-            lambda session, ids: {} if next(calls) == 0 else real(session, ids),
+            SqlStore,
+            "priors",
+            lambda store, ids: {} if next(calls) == 0 else real(store, ids),
         )
-        monkeypatch.setattr(service.time, "sleep", lambda _: None)
+        monkeypatch.setattr(store.time, "sleep", lambda _: None)
         results = ledger.apply(events)
         assert next(calls) == 2  # the failed attempt and the retry
         assert [r.outcome for r in results[:10]] == ["duplicate"] * 10

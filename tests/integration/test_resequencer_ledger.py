@@ -113,7 +113,9 @@ def test_a_message_keeps_its_own_order_and_numbers_already_filled_pass(engine: E
     assert outcomes(send(ledger, (p, 1), (other, 1), (r1, 2), (r2, 3))) == ["applied"] * 4
     assert entries(engine) == [("mo-1", "applied"), ("mo-2", "applied"), ("mo-3", "applied")]
     with Session(engine) as session:
-        gates = {g.instance_id: (g.epoch, g.last) for g in session.query(SequencerGate)}
+        gates = {
+            g.instance_id: (g.epoch, g.last) for g in session.exec(select(SequencerGate)).all()
+        }
     assert gates == {"i-1": (EPOCH, 3), "i-2": (EPOCH, 1)}
 
 

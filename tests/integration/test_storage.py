@@ -511,7 +511,9 @@ def test_first_event_appliers_queue_and_then_hold_the_new_row(postgres_url: str)
     engine = make_engine(postgres_url)
     try:
         upgrade(engine)
-        a_committed_at: list[float] = []
+        # When A starts to commit: the server releases A's locks at commit, so B may be in
+        # before A's client has even seen the commit's answer.
+        a_committing_at: list[float] = []
         b_state: dict[str, Any] = {}
         b_locked, b_release = threading.Event(), threading.Event()
 
@@ -531,11 +533,11 @@ def test_first_event_appliers_queue_and_then_hold_the_new_row(postgres_url: str)
             time.sleep(0.3)
             assert not b_locked.is_set(), "B got in while A held the instance"
             a.add(InstanceRow(instance_id="i-1", status="active"))
+            a_committing_at.append(time.monotonic())
             a.commit()
-            a_committed_at.append(time.monotonic())
         try:
             assert b_locked.wait(10)
-            assert b_state["locked_at"] >= a_committed_at[0]
+            assert b_state["locked_at"] >= a_committing_at[0]
             assert b_state["row"] is not None and b_state["row"].status == "active"
             assert _blocked(engine, ["i-1"])  # C: finds the row, waits for B's row lock
         finally:

@@ -1,4 +1,4 @@
-"""A publisher that is not Python: the message of README "Publishing from other languages",
+"""A publisher that is not Python: the message of docs/events.md "Publishing from other languages",
 built by hand (no kombu, no Celery) and LPUSHed with plain Redis commands — or numbered and
 enqueued by the shipped ``events/enqueue.lua`` (SPEC §9) — is applied by the real worker
 (embedded: fakeredis over TCP + a Celery worker thread)."""

@@ -1,6 +1,6 @@
 """``quota-ledger serve``: the HTTP API and ops page under uvicorn.
 
-Registered on the CLI by ``worker/cli.py``. Imports of FastAPI and uvicorn happen inside the
+Registered on the CLI by ``worker/cli/app.py``. Imports of FastAPI and uvicorn happen inside the
 command, so the rest of the CLI starts as fast as before.
 """
 

@@ -194,8 +194,10 @@ def write_gates(
         )
         connection.execute(
             statement,
-            [{**{k: v for k, v in row.items() if k != "instance_id"}, "key": row["instance_id"]}
-             for row in updates],
+            [
+                {**{k: v for k, v in row.items() if k != "instance_id"}, "key": row["instance_id"]}
+                for row in updates
+            ],
         )
 
 

@@ -1,8 +1,7 @@
 """The CLI commands of the distributed pipeline: ``publish``, ``worker`` and ``beat``.
 
-Plain functions with Typer annotations, registered in ``worker/cli.py`` (at its end) with
-``app.command(...)(publish_command)``. They use ``worker.cli``'s helpers (error guard, runtime,
-progress bar) imported at call time, so importing this module never imports ``worker.cli``.
+Plain functions with Typer annotations, registered in ``worker/cli/app.py`` with
+``app.command(...)(publish_command)``; they share ``worker.cli.options`` with the ledger commands.
 """
 
 from __future__ import annotations
@@ -16,7 +15,9 @@ from typing import Annotated, Any
 
 import typer
 
+from events.jsonl import Line, batches, read_lines
 from events.publish import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, QUEUE_EVENTS, QUEUE_SWEEP
+from worker.cli.options import UserError, guarded, open_input, progress_bar, runtime
 
 __all__ = ["beat_command", "publish_command", "worker_command"]
 
@@ -69,8 +70,6 @@ def publish_command(
 ) -> None:
     """Validate JSONL events and enqueue them for the workers; invalid lines are dead-lettered
     in the database and reported with their line numbers (exit 1)."""
-    from worker.cli import guarded
-
     guarded(_publish)(ctx, file, batch_size, db, as_json)
 
 
@@ -83,26 +82,16 @@ def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_
     from ledger.settings import get_settings
     from worker import render
 
-    # The input reading is apply's, so both commands treat every line alike.
-    from worker.cli import (
-        UserError,
-        _batches,
-        _Line,
-        _open_input,
-        _read_lines,
-        progress_bar,
-        runtime,
-    )
-
+    # The input reading is apply's (events.jsonl), so both commands treat every line alike.
     run = runtime(ctx, db, as_json)
     broker_url = get_settings().broker_url
     queued = invalid = messages = 0
     listed: list[tuple[int, dict[str, Any]]] = []
     with ExitStack() as stack:
-        stream, size, label = stack.enter_context(_open_input(file))
+        stream, size, label = stack.enter_context(open_input(file))
         ledger: Ledger | None = None
 
-        def dead_letter(lines: list[_Line]) -> list[ApplyResult]:
+        def dead_letter(lines: list[Line]) -> list[ApplyResult]:
             # The database is opened only when a line is invalid: a clean file needs none.
             nonlocal ledger
             if ledger is None:
@@ -114,7 +103,7 @@ def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_
         bar = stack.enter_context(
             progress_bar(show_progress, size, f"publishing {label}", in_bytes=True)
         )
-        for chunk in _batches(_read_lines(stream, bar), batch_size):
+        for chunk in batches(read_lines(stream, bar), batch_size):
             good = [line for line in chunk if isinstance(line.item, BaseEvent)]
             bad = [line for line in chunk if not isinstance(line.item, BaseEvent)]
             if good:
@@ -238,8 +227,6 @@ def worker_command(
     ] = None,
 ) -> None:
     """Run a Celery worker that applies queued events and runs the sweeps."""
-    from worker.cli import guarded
-
     guarded(_worker)(ctx, concurrency, pool, queues, loglevel, db)
 
 
@@ -297,8 +284,6 @@ def _serve_metrics(port: int) -> None:
 def beat_command(ctx: typer.Context, loglevel: LogLevelOption = "INFO") -> None:
     """Run Celery beat: the expiry sweep every QUOTA_LEDGER_SWEEP_INTERVAL seconds (run exactly
     one beat; a second one is harmless, its overlapping sweeps are skipped)."""
-    from worker.cli import guarded
-
     guarded(_beat)(ctx, loglevel)
 
 

@@ -1,322 +1,45 @@
-"""``quota-ledger``: the operator CLI (SPEC §7).
-
-Thin by design: every command parses its options, opens the database (upgrading a fresh one to
-the current schema first), calls one function of ``ledger`` and prints the result, either as
-JSON (``--json``: the shapes of ``ledger.views``, nothing else on stdout) or as Rich tables
-built from the same dicts (``worker.render``).
-
-Exit codes: 0 success; 1 a "no" the command is about (``apply``: some line was invalid;
-``show`` / ``service-number``: not found; ``rebuild``: broken chains, or drift with
-``--check``; ``verify``: broken chains; ``demo``: its ledger did not verify); 2 a usage,
-configuration or I/O error (bad option or timestamp, unreadable file, broken policy file,
-database unreachable, demo directory or database not fresh). User errors never print a
-traceback.
-"""
+"""The ledger commands of ``quota-ledger`` (SPEC §7): each parses its options, opens the
+database, calls one function of ``ledger`` and prints JSON (``--json``) or Rich tables."""
 
 from __future__ import annotations
 
-import enum
-import functools
 import json
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, NoReturn, ParamSpec, TypeVar
+from typing import Annotated, Any
 
-import click
-import pydantic
-import sqlalchemy.exc
 import typer
-from sqlalchemy import func, select
-from sqlalchemy.engine import Engine, make_url
 
-from events import PRODUCT_TYPES, iso_utc, parse_event, parse_iso_utc
-from ledger.policy import Policy, PolicyError, load_policy
+from events import iso_utc
+from events.jsonl import batches, read_lines
+from ledger.policy import load_policy
 from ledger.settings import get_settings
 from worker import render
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-#: Lines per transaction in ``apply``.
-APPLY_BATCH = 500
-#: Inputs at least this large (bytes) get a progress bar on a terminal.
-PROGRESS_MIN_BYTES = 1 << 20
-#: Ledgers at least this large (entries) get a progress bar in rebuild / verify.
-PROGRESS_MIN_ENTRIES = 20_000
-#: Rejected / invalid lines listed by ``apply`` without ``--json``.
-APPLY_LISTED = 100
-
-ELIGIBILITY_STATUSES = ("eligible", "ineligible", "unknown", "not_needed", "not_required")
-
-EligibilityChoice = enum.Enum(  # type: ignore[misc]
-    "EligibilityChoice", {s: s for s in ELIGIBILITY_STATUSES}, type=str
+from worker.cli.options import (
+    APPLY_BATCH,
+    APPLY_LISTED,
+    PROGRESS_MIN_BYTES,
+    PROGRESS_MIN_ENTRIES,
+    DbOption,
+    EligibilityChoice,
+    GlobalOptions,
+    JsonOption,
+    ProductChoice,
+    UserError,
+    count_entries,
+    guarded,
+    mask_url,
+    now_utc,
+    open_input,
+    parse_time,
+    print_json,
+    progress_bar,
+    runtime,
 )
-ProductChoice = enum.Enum("ProductChoice", {p: p for p in PRODUCT_TYPES}, type=str)  # type: ignore[misc]
-
-app = typer.Typer(
-    name="quota-ledger",
-    help=(
-        "ICP filing quota ledger (备案服务号): an append-only ledger of instance events that "
-        "decides service numbers and filings and keeps each instance's eligibility and slots."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-db_app = typer.Typer(no_args_is_help=True, help="Database schema commands.")
-app.add_typer(db_app, name="db", help="Database schema: `db upgrade` creates or migrates it.")
 
 
-# --- options shared by every command ------------------------------------------------------------
-
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        metavar="URL",
-        help="Database URL (sqlite:///PATH or postgresql://…); overrides "
-        "QUOTA_LEDGER_DATABASE_URL.",
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print only JSON (SPEC §7 shapes).")]
-
-
-@dataclass
-class GlobalOptions:
-    db: str | None = None
-    json: bool = False
-    policy: Path | None = None
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            typer.echo(f"quota-ledger {version('quota-ledger')}")
-        except PackageNotFoundError:
-            typer.echo("quota-ledger (not installed)")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def main(
-    ctx: typer.Context,
-    db: DbOption = None,
-    as_json: JsonOption = False,
-    policy: Annotated[
-        Path | None,
-        typer.Option(
-            "--policy",
-            metavar="FILE",
-            help="Policy file (TOML); overrides QUOTA_LEDGER_POLICY_FILE (default: shipped).",
-            show_default=False,
-        ),
-    ] = None,
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
-    ] = False,
-) -> None:
-    """ICP filing quota ledger. Options given here apply to every command."""
-    _utf8_stdout()
-    ctx.obj = GlobalOptions(db=db, json=as_json, policy=policy)
-
-
-def _utf8_stdout() -> None:
-    # JSON is printed with ensure_ascii=False (Chinese messages stay readable): make sure a
-    # non-UTF-8 locale cannot turn that into a UnicodeEncodeError.
-    for stream in (sys.stdout, sys.stderr):
-        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
-        if encoding != "utf8" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(encoding="utf-8")
-
-
-# --- errors --------------------------------------------------------------------------------------
-
-
-class UserError(Exception):
-    """A problem the operator can fix; printed without a traceback."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"quota-ledger: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _settings_problems(exc: pydantic.ValidationError) -> str:
-    problems = []
-    for error in exc.errors(include_url=False):
-        name = "_".join(str(part) for part in error["loc"]).upper()
-        problems.append(f"QUOTA_LEDGER_{name}: {error['msg']}")
-    return "; ".join(problems) or _first_line(exc)
-
-
-def guarded(func_: Callable[P, R]) -> Callable[P, R]:
-    """Turn the errors an operator can fix into a message on stderr and exit code 2."""
-
-    @functools.wraps(func_)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func_(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except UserError as exc:
-            fail(exc.message, exc.code)
-        except PolicyError as exc:
-            fail(str(exc))
-        except pydantic.ValidationError as exc:
-            fail(f"invalid configuration: {_settings_problems(exc)}")
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
-            fail(f"database error: {_first_line(exc)}")
-        except BrokenPipeError:
-            # The reader went away (`… | head`): nothing more to say to anybody.
-            sys.stdout = open(  # noqa: SIM115 - replaces stdout until exit
-                "/dev/null", "w", encoding="utf-8"
-            )
-            raise typer.Exit(2) from None
-        except OSError as exc:
-            fail(f"I/O error: {exc}")
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-# --- the per-command runtime ---------------------------------------------------------------------
-
-
-@dataclass
-class Runtime:
-    """The resolved configuration of one command run."""
-
-    url: str
-    json: bool
-    policy_file: Path | None
-
-    @functools.cached_property
-    def policy(self) -> Policy:
-        return load_policy(self.policy_file)
-
-    @property
-    def safe_url(self) -> str:
-        return mask_url(self.url)
-
-    @contextmanager
-    def engine(self, *, ensure: bool = True) -> Iterator[Engine]:
-        """An engine on the database, its schema brought to head first (a fresh file works)."""
-        from ledger.db import ensure_schema, make_engine
-
-        try:
-            engine = make_engine(self.url)
-        except (ValueError, sqlalchemy.exc.ArgumentError) as exc:
-            raise UserError(str(exc)) from None
-        try:
-            if ensure:
-                ensure_schema(engine)
-            yield engine
-        finally:
-            engine.dispose()
-
-
-def mask_url(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable database URL>"
-
-
-def runtime(ctx: typer.Context, db: str | None, as_json: bool) -> Runtime:
-    glob = ctx.find_root().obj or GlobalOptions()
-    settings = get_settings()
-    return Runtime(
-        url=db or glob.db or settings.database_url,
-        json=as_json or glob.json,
-        policy_file=glob.policy if glob.policy is not None else settings.policy_file,
-    )
-
-
-def parse_time(value: str | None, option: str) -> datetime | None:
-    """An aware UTC datetime from ``--at`` / ``--now`` style options; naive ones are refused."""
-    if value is None:
-        return None
-    try:
-        return parse_iso_utc(value)
-    except ValueError as exc:
-        raise typer.BadParameter(
-            f"{value!r}: {exc} (use ISO 8601 with a timezone, e.g. 2026-09-01T00:00:00Z)",
-            param_hint=option,
-        ) from None
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
-    sys.stdout.flush()
-
-
-@contextmanager
-def progress_bar(
-    enabled: bool, total: int | None, description: str, *, in_bytes: bool = False
-) -> Iterator[Callable[[int], None]]:
-    """A ``rich.progress`` bar on the terminal, or a no-op; yields ``advance(n)``."""
-    if not enabled:
-        yield lambda _n: None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    count = DownloadColumn() if in_bytes else MofNCompleteColumn()
-    columns = [TextColumn("{task.description}"), BarColumn(), count]
-    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=render.console(), transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
-
-
-def count_entries(engine: Engine) -> int:
-    from sqlmodel import Session
-
-    from ledger.tables import LedgerEntry
-
-    with Session(engine) as session:
-        return session.execute(select(func.count()).select_from(LedgerEntry)).scalar_one()
-
-
-# --- db ------------------------------------------------------------------------------------------
-
-
-@db_app.command("upgrade")
 @guarded
 def db_upgrade(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Create or migrate the database schema to the current version (idempotent)."""
@@ -335,60 +58,6 @@ def db_upgrade(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = Fa
 # --- apply ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Line:
-    number: int
-    item: Any  # an Event or an EventRejection
-    raw: str | None
-
-
-def _read_lines(stream: BinaryIO, advance: Callable[[int], None]) -> Iterator[_Line]:
-    """Non-blank input lines, parsed. Bytes are decoded here so that a line that is not UTF-8
-    is dead-lettered with that reason (and its bytes kept as ``\\xNN``) instead of crashing."""
-    for number, data in enumerate(stream, 1):
-        advance(len(data))
-        try:
-            text: str | None = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        if text is not None:
-            if not text.strip():
-                continue  # blank lines are skipped (SPEC §5)
-            yield _Line(number, parse_event(text), text.rstrip("\r\n"))
-        else:
-            yield _Line(number, parse_event(data), None)
-
-
-def _batches(lines: Iterator[_Line], size: int) -> Iterator[list[_Line]]:
-    batch: list[_Line] = []
-    for line in lines:
-        batch.append(line)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-@contextmanager
-def _open_input(file: str) -> Iterator[tuple[BinaryIO, int | None, str]]:
-    if file == "-":
-        yield sys.stdin.buffer, None, "stdin"
-        return
-    path = Path(file)
-    try:
-        stream = path.open("rb")
-    except OSError as exc:
-        raise UserError(f"cannot read {file}: {exc.strerror or exc}") from None
-    with stream:
-        try:
-            size: int | None = path.stat().st_size
-        except OSError:
-            size = None
-        yield stream, size, file
-
-
-@app.command()
 @guarded
 def apply(
     ctx: typer.Context,
@@ -406,13 +75,15 @@ def apply(
     counts: Counter[str] = Counter()
     notable: list[tuple[int, dict[str, Any]]] = []
     omitted = 0
-    with _open_input(file) as (stream, size, label), run.engine() as engine:
+    # The numbers issued, for the operator who must hand them to the filing (first ones only).
+    issued: list[tuple[int, str, str]] = []
+    with open_input(file) as (stream, size, label), run.engine() as engine:
         ledger = Ledger(engine, policy)
         show_progress = (
             not run.json and render.is_terminal() and (size is None or size >= PROGRESS_MIN_BYTES)
         )
         with progress_bar(show_progress, size, f"applying {label}", in_bytes=True) as advance:
-            for batch in _batches(_read_lines(stream, advance), APPLY_BATCH):
+            for batch in batches(read_lines(stream, advance), APPLY_BATCH):
                 raws = [line.raw for line in batch]
                 results = ledger.apply([line.item for line in batch], raws=raws)
                 for line, result in zip(batch, results, strict=True):
@@ -425,10 +96,17 @@ def apply(
                             notable.append((line.number, data))
                         else:
                             omitted += 1
+                    elif (
+                        data["outcome"] == "applied"
+                        and getattr(line.item, "type", None) == "service_number.requested"
+                        and data["service_number"]
+                        and len(issued) < APPLY_LISTED
+                    ):
+                        issued.append((line.number, line.item.instance_id, data["service_number"]))
                 if run.json:
                     sys.stdout.flush()
     if not run.json:
-        render.apply_summary(label, counts, notable, omitted)
+        render.apply_summary(label, counts, notable, omitted, issued)
     if counts["invalid"]:
         raise typer.Exit(1)
 
@@ -436,7 +114,6 @@ def apply(
 # --- queries -------------------------------------------------------------------------------------
 
 
-@app.command()
 @guarded
 def show(
     ctx: typer.Context,
@@ -471,7 +148,6 @@ def show(
         render.show(view, names)
 
 
-@app.command()
 @guarded
 def history(
     ctx: typer.Context,
@@ -493,7 +169,6 @@ def history(
         render.history(instance_id, entries)
 
 
-@app.command()
 @guarded
 def instances(
     ctx: typer.Context,
@@ -542,7 +217,6 @@ def instances(
         render.instances(rows, iso_utc(when))
 
 
-@app.command("service-number")
 @guarded
 def service_number(
     ctx: typer.Context,
@@ -566,7 +240,6 @@ def service_number(
         render.service_number(info)
 
 
-@app.command()
 @guarded
 def rejected(
     ctx: typer.Context,
@@ -591,7 +264,6 @@ def rejected(
         render.rejected(rows)
 
 
-@app.command()
 @guarded
 def parked(
     ctx: typer.Context,
@@ -623,7 +295,6 @@ def parked(
 # --- sweep, rebuild, verify ----------------------------------------------------------------------
 
 
-@app.command()
 @guarded
 def sweep(
     ctx: typer.Context,
@@ -649,7 +320,6 @@ def sweep(
         render.sweep(report)
 
 
-@app.command()
 @guarded
 def rebuild(
     ctx: typer.Context,
@@ -676,7 +346,6 @@ def rebuild(
         raise typer.Exit(1)
 
 
-@app.command()
 @guarded
 def verify(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Check every instance's hash chain against its head; exit 1 naming broken ones."""
@@ -701,7 +370,6 @@ def verify(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False)
 # --- demo ----------------------------------------------------------------------------------------
 
 
-@app.command()
 @guarded
 def demo(
     ctx: typer.Context,
@@ -766,14 +434,3 @@ def demo(
         render.message(f"  {example}")
     if not data["verify"]["ok"]:
         raise typer.Exit(1)
-
-
-from worker.api.cli import serve_command  # noqa: E402  (the HTTP API; imports FastAPI lazily)
-
-app.command("serve", help="Serve the HTTP API and the ops page (/ui/).")(serve_command)
-
-from worker.pipeline_cli import beat_command, publish_command, worker_command  # noqa: E402
-
-app.command("publish", help="Validate JSONL events and enqueue them for workers.")(publish_command)
-app.command("worker", help="Run a Celery worker that applies queued events.")(worker_command)
-app.command("beat", help="Run Celery beat: the expiry sweep every few minutes.")(beat_command)

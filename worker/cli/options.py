@@ -1,0 +1,272 @@
+"""What every ``quota-ledger`` command shares: global options, the guard that turns operator
+errors into one line and exit code 2, the runtime (settings, policy, engine), time parsing,
+JSON printing, progress bars and input files."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO, NoReturn, ParamSpec, TypeVar
+
+import click
+import pydantic
+import sqlalchemy.exc
+import typer
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine, make_url
+
+from events import PRODUCT_TYPES, parse_iso_utc
+from ledger.policy import Policy, PolicyError, load_policy
+from ledger.settings import get_settings
+from worker import render
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Lines per transaction in ``apply``.
+APPLY_BATCH = 500
+#: Inputs at least this large (bytes) get a progress bar on a terminal.
+PROGRESS_MIN_BYTES = 1 << 20
+#: Ledgers at least this large (entries) get a progress bar in rebuild / verify.
+PROGRESS_MIN_ENTRIES = 20_000
+#: Rejected / invalid lines listed by ``apply`` without ``--json``.
+APPLY_LISTED = 100
+
+ELIGIBILITY_STATUSES = ("eligible", "ineligible", "unknown", "not_needed", "not_required")
+
+EligibilityChoice = enum.Enum(  # type: ignore[misc]
+    "EligibilityChoice", {s: s for s in ELIGIBILITY_STATUSES}, type=str
+)
+ProductChoice = enum.Enum("ProductChoice", {p: p for p in PRODUCT_TYPES}, type=str)  # type: ignore[misc]
+
+
+# --- options shared by every command ------------------------------------------------------------
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        metavar="URL",
+        help="Database URL (sqlite:///PATH or postgresql://…); overrides "
+        "QUOTA_LEDGER_DATABASE_URL.",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print only JSON (SPEC §7 shapes).")]
+
+
+@dataclass
+class GlobalOptions:
+    db: str | None = None
+    json: bool = False
+    policy: Path | None = None
+
+
+def _utf8_stdout() -> None:
+    # JSON is printed with ensure_ascii=False (Chinese messages stay readable): make sure a
+    # non-UTF-8 locale cannot turn that into a UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8")
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem the operator can fix; printed without a traceback."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"quota-ledger: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _settings_problems(exc: pydantic.ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        name = "_".join(str(part) for part in error["loc"]).upper()
+        problems.append(f"QUOTA_LEDGER_{name}: {error['msg']}")
+    return "; ".join(problems) or _first_line(exc)
+
+
+def guarded(func_: Callable[P, R]) -> Callable[P, R]:
+    """Turn the errors an operator can fix into a message on stderr and exit code 2."""
+
+    @functools.wraps(func_)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func_(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except UserError as exc:
+            fail(exc.message, exc.code)
+        except PolicyError as exc:
+            fail(str(exc))
+        except pydantic.ValidationError as exc:
+            fail(f"invalid configuration: {_settings_problems(exc)}")
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+            fail(f"database error: {_first_line(exc)}")
+        except BrokenPipeError:
+            # The reader went away (`… | head`): nothing more to say to anybody.
+            sys.stdout = open(  # noqa: SIM115 - replaces stdout until exit
+                "/dev/null", "w", encoding="utf-8"
+            )
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            fail(f"I/O error: {exc}")
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# --- the per-command runtime ---------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """The resolved configuration of one command run."""
+
+    url: str
+    json: bool
+    policy_file: Path | None
+
+    @functools.cached_property
+    def policy(self) -> Policy:
+        return load_policy(self.policy_file)
+
+    @property
+    def safe_url(self) -> str:
+        return mask_url(self.url)
+
+    @contextmanager
+    def engine(self, *, ensure: bool = True) -> Iterator[Engine]:
+        """An engine on the database, its schema brought to head first (a fresh file works)."""
+        from ledger.db import ensure_schema, make_engine
+
+        try:
+            engine = make_engine(self.url)
+        except (ValueError, sqlalchemy.exc.ArgumentError) as exc:
+            raise UserError(str(exc)) from None
+        try:
+            if ensure:
+                ensure_schema(engine)
+            yield engine
+        finally:
+            engine.dispose()
+
+
+def mask_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable database URL>"
+
+
+def runtime(ctx: typer.Context, db: str | None, as_json: bool) -> Runtime:
+    glob = ctx.find_root().obj or GlobalOptions()
+    settings = get_settings()
+    return Runtime(
+        url=db or glob.db or settings.database_url,
+        json=as_json or glob.json,
+        policy_file=glob.policy if glob.policy is not None else settings.policy_file,
+    )
+
+
+def parse_time(value: str | None, option: str) -> datetime | None:
+    """An aware UTC datetime from ``--at`` / ``--now`` style options; naive ones are refused."""
+    if value is None:
+        return None
+    try:
+        return parse_iso_utc(value)
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{value!r}: {exc} (use ISO 8601 with a timezone, e.g. 2026-09-01T00:00:00Z)",
+            param_hint=option,
+        ) from None
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def progress_bar(
+    enabled: bool, total: int | None, description: str, *, in_bytes: bool = False
+) -> Iterator[Callable[[int], None]]:
+    """A ``rich.progress`` bar on the terminal, or a no-op; yields ``advance(n)``."""
+    if not enabled:
+        yield lambda _n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    count = DownloadColumn() if in_bytes else MofNCompleteColumn()
+    columns = [TextColumn("{task.description}"), BarColumn(), count]
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=render.console(), transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def count_entries(engine: Engine) -> int:
+    from sqlmodel import Session
+
+    from ledger.tables import LedgerEntry
+
+    with Session(engine) as session:
+        return session.execute(select(func.count()).select_from(LedgerEntry)).scalar_one()
+
+
+# --- db ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def open_input(file: str) -> Iterator[tuple[BinaryIO, int | None, str]]:
+    if file == "-":
+        yield sys.stdin.buffer, None, "stdin"
+        return
+    path = Path(file)
+    try:
+        stream = path.open("rb")
+    except OSError as exc:
+        raise UserError(f"cannot read {file}: {exc.strerror or exc}") from None
+    with stream:
+        try:
+            size: int | None = path.stat().st_size
+        except OSError:
+            size = None
+        yield stream, size, file
