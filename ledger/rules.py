@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from events import (
     Event,
@@ -48,6 +48,9 @@ from ledger.state import (
 
 Outcome = Literal["applied", "rejected", "stale"]
 EligibilityStatus = Literal["eligible", "ineligible", "unknown", "not_needed", "not_required"]
+#: Every eligibility status (SPEC §4), in the order of the SPEC: the one list the CLI and the
+#: API offer as choices.
+ELIGIBILITY_STATUSES: tuple[str, ...] = get_args(EligibilityStatus)
 
 # Reasons that describe the instance itself (SPEC §4, "Eligibility status").
 SUBSCRIPTION = "subscription"
