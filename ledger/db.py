@@ -114,6 +114,11 @@ def _make_sqlite_engine(url: URL) -> Engine:
     if _is_sqlite_memory(url):
         # One connection for everybody, or each connection would see its own empty database.
         kwargs["poolclass"] = StaticPool
+    elif url.database and not Path(url.database).parent.is_dir():
+        # SQLite would only say "unable to open database file", on first use.
+        raise FileNotFoundError(
+            f"the directory of the SQLite database {url.database} does not exist"
+        )
     engine = create_engine(url, **kwargs)
 
     @event.listens_for(engine, "connect")
