@@ -111,7 +111,8 @@ def _values(entry: Any) -> tuple[Any, ...]:
     ``Row``s, namedtuples: attribute access), a mapping or a plain tuple: one C-level getter
     call instead of a dict per entry."""
     if isinstance(entry, Mapping):
-        return _BY_KEY(entry)
+        fields: tuple[Any, ...] = _BY_KEY(entry)
+        return fields
     if (
         isinstance(entry, tuple)
         and not hasattr(entry, "_fields")

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
-from ledger.tables import InstanceRow
+from ledger.tables import InstanceRow, core_table
 
 __all__ = [
     "advisory_key",
@@ -257,7 +257,7 @@ def lock_instances(session: Session, instance_ids: Iterable[str]) -> None:
     lock_and_load(session, instance_ids)
 
 
-_INSTANCES = InstanceRow.__table__
+_INSTANCES = core_table(InstanceRow)
 _ADVISORY_LOCKS = text(
     # One round trip for every key, taken in the order of the array (sorted ids).
     "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"

@@ -47,6 +47,8 @@ from ledger.state import (
 )
 
 Outcome = Literal["applied", "rejected", "stale"]
+#: What a decision records in its entry (the issued number, numbers invalidated or revived).
+Result = dict[str, Any]
 EligibilityStatus = Literal["eligible", "ineligible", "unknown", "not_needed", "not_required"]
 #: Every eligibility status (SPEC §4), in the order of the SPEC: the one list the CLI and the
 #: API offer as choices.
@@ -69,7 +71,7 @@ class Decision:
     outcome: Outcome
     reasons: tuple[str, ...] = ()
     # Issued number, numbers invalidated / revived, expiries voided. Only non-empty keys.
-    result: dict[str, Any] = field(default_factory=dict)
+    result: Result = field(default_factory=dict)
 
     @property
     def service_number(self) -> str | None:
@@ -375,7 +377,7 @@ def fold(
     event: Event,
     *,
     outcome: str,
-    result: dict[str, Any],
+    result: Result,
     instance_seq: int,
     entry_hash: str,
 ) -> InstanceState:
@@ -385,7 +387,7 @@ def fold(
     return evolve(state, entries=instance_seq, head_hash=entry_hash)
 
 
-def _fold_purchase(state: InstanceState, event: InstancePurchased, result: dict) -> InstanceState:
+def _fold_purchase(state: InstanceState, event: InstancePurchased, result: Result) -> InstanceState:
     state = evolve(
         state,
         purchase=Purchase(
@@ -404,12 +406,12 @@ def _fold_purchase(state: InstanceState, event: InstancePurchased, result: dict)
     return _fold_extension(state, event, event.term_months if end else None, end, result)
 
 
-def _fold_renewal(state: InstanceState, event: InstanceRenewed, result: dict) -> InstanceState:
+def _fold_renewal(state: InstanceState, event: InstanceRenewed, result: Result) -> InstanceState:
     return _fold_extension(state, event, event.term_months, event.expires_at, result)
 
 
 def _fold_conversion(
-    state: InstanceState, event: InstanceBillingConverted, result: dict
+    state: InstanceState, event: InstanceBillingConverted, result: Result
 ) -> InstanceState:
     state = _set_billing(state, event, event.billing_method)
     if event.billing_method != SUBSCRIPTION:
@@ -422,7 +424,7 @@ def _fold_extension(
     event: Event,
     term_months: int | None,
     expires_at: datetime | None,
-    result: dict,
+    result: Result,
 ) -> InstanceState:
     if expires_at is None:
         return state
@@ -455,7 +457,7 @@ def _set_bandwidth(state: InstanceState, event: Event, mbps: float) -> InstanceS
 
 
 def _fold_bandwidth(
-    state: InstanceState, event: InstanceBandwidthChanged, result: dict
+    state: InstanceState, event: InstanceBandwidthChanged, result: Result
 ) -> InstanceState:
     return _set_bandwidth(state, event, event.public_bandwidth_mbps)
 
@@ -471,7 +473,7 @@ def _invalidate(
     return updated
 
 
-def _fold_expiry(state: InstanceState, event: InstanceExpired, result: dict) -> InstanceState:
+def _fold_expiry(state: InstanceState, event: InstanceExpired, result: Result) -> InstanceState:
     invalidated = list(result.get("invalidated", ()))
     return evolve(
         state,
@@ -483,7 +485,7 @@ def _fold_expiry(state: InstanceState, event: InstanceExpired, result: dict) -> 
     )
 
 
-def _fold_release(state: InstanceState, event: InstanceReleased, result: dict) -> InstanceState:
+def _fold_release(state: InstanceState, event: InstanceReleased, result: Result) -> InstanceState:
     invalidated = list(result.get("invalidated", ()))
     return evolve(
         state,
@@ -493,7 +495,7 @@ def _fold_release(state: InstanceState, event: InstanceReleased, result: dict) -
 
 
 def _fold_request(
-    state: InstanceState, event: ServiceNumberRequested, result: dict
+    state: InstanceState, event: ServiceNumberRequested, result: Result
 ) -> InstanceState:
     number = result["service_number"]
     numbers = dict(state.numbers)
@@ -503,7 +505,7 @@ def _fold_request(
     return evolve(state, numbers=numbers)
 
 
-def _fold_filing(state: InstanceState, event: FilingSubmitted, result: dict) -> InstanceState:
+def _fold_filing(state: InstanceState, event: FilingSubmitted, result: Result) -> InstanceState:
     numbers = dict(state.numbers)
     numbers[event.service_number] = evolve(
         numbers[event.service_number],
@@ -525,7 +527,7 @@ def _fold_filing(state: InstanceState, event: FilingSubmitted, result: dict) -> 
     return evolve(state, numbers=numbers, filings=filings)
 
 
-def _fold_withdrawal(state: InstanceState, event: FilingWithdrawn, result: dict) -> InstanceState:
+def _fold_withdrawal(state: InstanceState, event: FilingWithdrawn, result: Result) -> InstanceState:
     filings = dict(state.filings)
     filings[event.filing_id] = evolve(
         filings[event.filing_id], status="withdrawn", withdrawn_at=event.occurred_at
@@ -533,7 +535,7 @@ def _fold_withdrawal(state: InstanceState, event: FilingWithdrawn, result: dict)
     return evolve(state, filings=filings)
 
 
-_FOLDERS: dict[str, Callable[[InstanceState, Any, dict], InstanceState]] = {
+_FOLDERS: dict[str, Callable[[InstanceState, Any, Result], InstanceState]] = {
     "instance.purchased": _fold_purchase,
     "instance.renewed": _fold_renewal,
     "instance.billing_converted": _fold_conversion,
