@@ -215,7 +215,7 @@ def in_transaction(engine: Engine, work: Callable[[SqlStore], T], max_attempts: 
             retriable = isinstance(exc, IntegrityError) or is_transient_error(exc)
             if not retriable or attempt >= max_attempts:
                 raise
-            log.info("retrying transaction after %s (attempt %d)", type(exc).__name__, attempt)
+            log.info("retrying batch after %s (attempt %d)", type(exc).__name__, attempt)
             time.sleep(min(0.05 * 2**attempt, 2.0))
             attempt += 1
 
