@@ -8,6 +8,7 @@ worker. ``validate_event`` is the raising convenience for publishers.
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, NoReturn
@@ -115,7 +116,7 @@ def canonical_payload(event: BaseEvent) -> str:
 # How a canonical payload's JSON values become model values: times are iso_utc text, amounts
 # decimal_str text; everything else (strings, ints, integral-or-not bandwidth numbers, nulls) is
 # already the validated value.
-_PAYLOAD_DECODERS = {
+_PAYLOAD_DECODERS: dict[str, Callable[[Any], Any]] = {
     "occurred_at": parse_iso_utc,
     "expires_at": parse_iso_utc,
     "order_amount_cny": Decimal,
@@ -136,7 +137,7 @@ def event_from_payload(payload: str) -> Event:
     :func:`parse_event` and raises ``ValueError`` with its error if it is not an event.
     """
     data = json.loads(payload)
-    fields = _MODEL_FIELDS.get(data.get("type")) if isinstance(data, dict) else None
+    fields = _MODEL_FIELDS.get(str(data.get("type"))) if isinstance(data, dict) else None
     if fields is None or fields != data.keys():
         return _parsed_or_raise(payload)
     try:
@@ -146,7 +147,8 @@ def event_from_payload(payload: str) -> Event:
                 data[name] = decode(value)
     except (ArithmeticError, ValueError, TypeError):
         return _parsed_or_raise(payload)
-    return _construct(EVENT_MODELS[data["type"]], data)
+    event: Event = _construct(EVENT_MODELS[data["type"]], data)  # type: ignore[assignment]
+    return event
 
 
 def _model_construct(model: type[BaseEvent], values: dict[str, Any]) -> BaseEvent:
@@ -256,7 +258,7 @@ def _strip_terminator(text: str) -> str:
     return text
 
 
-def parse_event(raw: str | bytes) -> Event | EventRejection:
+def parse_event(raw: str | bytes | bytearray) -> Event | EventRejection:
     """Parse one JSONL line or one message into an event, or say why it is not one.
 
     Checked in SPEC order: over :data:`MAX_EVENT_BYTES` UTF-8 bytes → ``too_large`` (without

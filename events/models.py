@@ -209,7 +209,8 @@ def _check_timestamp(value: object) -> datetime:
 def _check_term_months(value: object) -> int:
     if not _is_json_int(value) or not 1 <= value <= 120:  # type: ignore[operator]
         _fail(f"must be an integer from 1 to 120 (got {describe_value(value)})")
-    return int(value)  # type: ignore[call-overload]
+    number: int = int(value)  # type: ignore[call-overload]
+    return number
 
 
 def _check_bandwidth(value: object) -> int | float:

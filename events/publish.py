@@ -28,13 +28,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import kombu.exceptions
 import redis
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 from kombu.serialization import dumps
 
 from events.codec import EventRejection, event_to_payload, parse_event, parse_event_obj
@@ -345,11 +346,8 @@ def enqueue_batches(
     for start in range(0, len(payloads), batch_size):
         stop = start + batch_size
         before, after = _message_text(app, payloads[start:stop])
-        _run_with_retries(
-            lambda b=before, a=after, ids=instance_ids[start:stop]: script(
-                keys=[SEQUENCE_KEY, QUEUE_EVENTS], args=[_EPOCH_FIELD, b, a, *ids]
-            )
-        )
+        args = [_EPOCH_FIELD, before, after, *instance_ids[start:stop]]
+        _run_with_retries(partial(script, keys=[SEQUENCE_KEY, QUEUE_EVENTS], args=args))
     return len(payloads)
 
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from events import event_from_payload
 from ledger.chain import GENESIS_HASH, verify_chain
@@ -35,7 +35,7 @@ from ledger.gc_tuning import fewer_collections
 from ledger.rules import fold
 from ledger.state import InstanceState
 from ledger.store.rows import filing_row_values, instance_row_values, number_row_values
-from ledger.tables import FilingRow, InstanceRow, LedgerEntry, ServiceNumberRow
+from ledger.tables import FilingRow, InstanceRow, LedgerEntry, ServiceNumberRow, core_table
 
 Progress = Callable[[int], None]
 _PAGE = 500
@@ -72,19 +72,22 @@ class RebuildReport:
         }
 
 
-_ENTRY_COLUMNS = (
-    LedgerEntry.instance_id,
-    LedgerEntry.instance_seq,
-    LedgerEntry.event_id,
-    LedgerEntry.type,
-    LedgerEntry.occurred_at,
-    LedgerEntry.payload,
-    LedgerEntry.outcome,
-    LedgerEntry.reasons,
-    LedgerEntry.result,
-    LedgerEntry.policy_version,
-    LedgerEntry.prev_hash,
-    LedgerEntry.hash,
+_ENTRY_COLUMNS = tuple(
+    core_table(LedgerEntry).c[name]
+    for name in (
+        "instance_id",
+        "instance_seq",
+        "event_id",
+        "type",
+        "occurred_at",
+        "payload",
+        "outcome",
+        "reasons",
+        "result",
+        "policy_version",
+        "prev_hash",
+        "hash",
+    )
 )
 
 
@@ -114,9 +117,10 @@ def _instance_pages(engine: Engine) -> Iterator[list[str]]:
     """
     last: str | None = None
     while True:
-        query = select(LedgerEntry.instance_id).distinct().order_by(LedgerEntry.instance_id)
+        instance_id = col(LedgerEntry.instance_id)
+        query = select(instance_id).distinct().order_by(instance_id)
         if last is not None:
-            query = query.where(LedgerEntry.instance_id > last)
+            query = query.where(instance_id > last)
         with Session(engine) as session:
             page = list(session.execute(query.limit(_PAGE)).scalars())
         if not page:
@@ -129,8 +133,8 @@ def _chains(session: Session, instance_ids: list[str]) -> list[tuple[str, list[A
     connection = session.connection()
     query = (
         select(*_ENTRY_COLUMNS)
-        .where(id_in(LedgerEntry.__table__.c.instance_id, is_postgres(session)))
-        .order_by(LedgerEntry.instance_id, LedgerEntry.instance_seq)
+        .where(id_in(core_table(LedgerEntry).c.instance_id, is_postgres(session)))
+        .order_by(col(LedgerEntry.instance_id), col(LedgerEntry.instance_seq))
     )
     rows = connection.execute(query, {"ids": instance_ids})
     make = ChainEntry._make
@@ -140,7 +144,7 @@ def _chains(session: Session, instance_ids: list[str]) -> list[tuple[str, list[A
     ]
 
 
-_INSTANCES = InstanceRow.__table__
+_INSTANCES = core_table(InstanceRow)
 
 
 def _heads(session: Session, instance_ids: list[str]) -> dict[str, Any]:
@@ -216,7 +220,7 @@ def _stored_rows(
     session: Session, table: type, instance_ids: list[str]
 ) -> dict[str, list[dict[str, Any]]]:
     by_instance: dict[str, list[dict[str, Any]]] = {iid: [] for iid in instance_ids}
-    columns = table.__table__.c
+    columns = core_table(table).c
     query = select(*columns).where(id_in(columns.instance_id, is_postgres(session)))
     result = session.connection().execute(query, {"ids": instance_ids})
     keys = tuple(result.keys())
@@ -331,8 +335,10 @@ def _rebuild_page(
             session.execute(insert(InstanceRow), [wanted])
         else:
             session.execute(update(InstanceRow), [wanted])
-        session.execute(delete(ServiceNumberRow).where(ServiceNumberRow.instance_id == instance_id))
-        session.execute(delete(FilingRow).where(FilingRow.instance_id == instance_id))
+        session.execute(
+            delete(ServiceNumberRow).where(col(ServiceNumberRow.instance_id) == instance_id)
+        )
+        session.execute(delete(FilingRow).where(col(FilingRow.instance_id) == instance_id))
         if wanted_numbers:
             session.execute(insert(ServiceNumberRow), wanted_numbers)
         if wanted_filings:

@@ -8,7 +8,6 @@ policy_version, prev_hash]``; the first entry of an instance links to ``GENESIS_
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from operator import attrgetter, itemgetter
@@ -16,6 +15,7 @@ from typing import Any
 
 # THE time spelling of the system (SPEC §7), shared with payloads, CLI and API: UTC,
 # ``YYYY-MM-DDTHH:MM:SS``, ``.ffffff`` only if non-zero, ``Z``. Naive datetimes are refused.
+from events.codec import canonical_json
 from events.timefmt import iso_utc as _iso
 
 GENESIS_HASH = "0" * 64
@@ -68,9 +68,8 @@ def entry_hash(
     )
 
 
-# json.dumps with these options builds a new encoder per call; one shared instance encodes
-# exactly the same text.
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+# The hash covers SPEC §6's canonical JSON: the one encoder of events/codec.py.
+_ENCODE = canonical_json
 
 
 def _hash_of(
@@ -112,7 +111,8 @@ def _values(entry: Any) -> tuple[Any, ...]:
     ``Row``s, namedtuples: attribute access), a mapping or a plain tuple: one C-level getter
     call instead of a dict per entry."""
     if isinstance(entry, Mapping):
-        return _BY_KEY(entry)
+        fields: tuple[Any, ...] = _BY_KEY(entry)
+        return fields
     if (
         isinstance(entry, tuple)
         and not hasattr(entry, "_fields")

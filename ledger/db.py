@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
-from ledger.tables import InstanceRow
+from ledger.tables import InstanceRow, core_table
 
 __all__ = [
     "advisory_key",
@@ -114,6 +114,11 @@ def _make_sqlite_engine(url: URL) -> Engine:
     if _is_sqlite_memory(url):
         # One connection for everybody, or each connection would see its own empty database.
         kwargs["poolclass"] = StaticPool
+    elif url.database and not Path(url.database).parent.is_dir():
+        # SQLite would only say "unable to open database file", on first use.
+        raise FileNotFoundError(
+            f"the directory of the SQLite database {url.database} does not exist"
+        )
     engine = create_engine(url, **kwargs)
 
     @event.listens_for(engine, "connect")
@@ -252,7 +257,7 @@ def lock_instances(session: Session, instance_ids: Iterable[str]) -> None:
     lock_and_load(session, instance_ids)
 
 
-_INSTANCES = InstanceRow.__table__
+_INSTANCES = core_table(InstanceRow)
 _ADVISORY_LOCKS = text(
     # One round trip for every key, taken in the order of the array (sorted ids).
     "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from ledger.policy import Policy
 from ledger.state import InstanceState, state_from_json
@@ -57,8 +57,8 @@ def parked_events(
 def instance_history(session: Session, *, instance_id: str) -> list[dict[str, Any]]:
     query = (
         select(LedgerEntry)
-        .where(LedgerEntry.instance_id == instance_id)
-        .order_by(LedgerEntry.instance_seq)
+        .where(col(LedgerEntry.instance_id) == instance_id)
+        .order_by(col(LedgerEntry.instance_seq))
     )
     return [entry_view(entry) for entry in session.execute(query).scalars()]
 
@@ -79,13 +79,17 @@ def iter_instances(
     Product and expiry filter in SQL; eligibility depends on the clock ``at``, so it is evaluated
     here, on the folded state.
     """
-    query = select(InstanceRow).where(InstanceRow.entries > 0).order_by(InstanceRow.instance_id)
+    query = (
+        select(InstanceRow)
+        .where(col(InstanceRow.entries) > 0)
+        .order_by(col(InstanceRow.instance_id))
+    )
     if product is not None:
-        query = query.where(InstanceRow.product_type == product)
+        query = query.where(col(InstanceRow.product_type) == product)
     if expiring_before is not None:
-        query = query.where(InstanceRow.expires_at < expiring_before)
+        query = query.where(col(InstanceRow.expires_at) < expiring_before)
     if after is not None:
-        query = query.where(InstanceRow.instance_id > after)
+        query = query.where(col(InstanceRow.instance_id) > after)
     produced = 0
     for row in session.execute(query.execution_options(yield_per=500)).scalars():
         summary = instance_summary(state_from_json(row.state), policy, at)
@@ -109,9 +113,9 @@ def service_number_info(session: Session, *, number: str) -> dict[str, Any] | No
 def rejected_events(
     session: Session, *, after_id: int | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
-    query = select(DeadLetter).order_by(DeadLetter.id)
+    query = select(DeadLetter).order_by(col(DeadLetter.id))
     if after_id is not None:
-        query = query.where(DeadLetter.id > after_id)
+        query = query.where(col(DeadLetter.id) > after_id)
     if limit is not None:
         query = query.limit(limit)
     return [dead_letter_view(row) for row in session.execute(query).scalars()]

@@ -77,8 +77,9 @@ class Prior:
 
 def entry_service_number(event_type: str, payload: str, result: dict[str, Any]) -> str | None:
     """The number issued by a request, or presented by a filing; else None."""
+    number: str | None = None
     if "service_number" in result:
-        return result["service_number"]
-    if event_type == "filing.submitted":
-        return json.loads(payload).get("service_number")
-    return None
+        number = result["service_number"]
+    elif event_type == "filing.submitted":
+        number = json.loads(payload).get("service_number")
+    return number

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from events import (
     Event,
@@ -47,7 +47,12 @@ from ledger.state import (
 )
 
 Outcome = Literal["applied", "rejected", "stale"]
+#: What a decision records in its entry (the issued number, numbers invalidated or revived).
+Result = dict[str, Any]
 EligibilityStatus = Literal["eligible", "ineligible", "unknown", "not_needed", "not_required"]
+#: Every eligibility status (SPEC §4), in the order of the SPEC: the one list the CLI and the
+#: API offer as choices.
+ELIGIBILITY_STATUSES: tuple[str, ...] = get_args(EligibilityStatus)
 
 # Reasons that describe the instance itself (SPEC §4, "Eligibility status").
 SUBSCRIPTION = "subscription"
@@ -66,7 +71,7 @@ class Decision:
     outcome: Outcome
     reasons: tuple[str, ...] = ()
     # Issued number, numbers invalidated / revived, expiries voided. Only non-empty keys.
-    result: dict[str, Any] = field(default_factory=dict)
+    result: Result = field(default_factory=dict)
 
     @property
     def service_number(self) -> str | None:
@@ -372,7 +377,7 @@ def fold(
     event: Event,
     *,
     outcome: str,
-    result: dict[str, Any],
+    result: Result,
     instance_seq: int,
     entry_hash: str,
 ) -> InstanceState:
@@ -382,7 +387,7 @@ def fold(
     return evolve(state, entries=instance_seq, head_hash=entry_hash)
 
 
-def _fold_purchase(state: InstanceState, event: InstancePurchased, result: dict) -> InstanceState:
+def _fold_purchase(state: InstanceState, event: InstancePurchased, result: Result) -> InstanceState:
     state = evolve(
         state,
         purchase=Purchase(
@@ -401,12 +406,12 @@ def _fold_purchase(state: InstanceState, event: InstancePurchased, result: dict)
     return _fold_extension(state, event, event.term_months if end else None, end, result)
 
 
-def _fold_renewal(state: InstanceState, event: InstanceRenewed, result: dict) -> InstanceState:
+def _fold_renewal(state: InstanceState, event: InstanceRenewed, result: Result) -> InstanceState:
     return _fold_extension(state, event, event.term_months, event.expires_at, result)
 
 
 def _fold_conversion(
-    state: InstanceState, event: InstanceBillingConverted, result: dict
+    state: InstanceState, event: InstanceBillingConverted, result: Result
 ) -> InstanceState:
     state = _set_billing(state, event, event.billing_method)
     if event.billing_method != SUBSCRIPTION:
@@ -419,7 +424,7 @@ def _fold_extension(
     event: Event,
     term_months: int | None,
     expires_at: datetime | None,
-    result: dict,
+    result: Result,
 ) -> InstanceState:
     if expires_at is None:
         return state
@@ -452,7 +457,7 @@ def _set_bandwidth(state: InstanceState, event: Event, mbps: float) -> InstanceS
 
 
 def _fold_bandwidth(
-    state: InstanceState, event: InstanceBandwidthChanged, result: dict
+    state: InstanceState, event: InstanceBandwidthChanged, result: Result
 ) -> InstanceState:
     return _set_bandwidth(state, event, event.public_bandwidth_mbps)
 
@@ -468,7 +473,7 @@ def _invalidate(
     return updated
 
 
-def _fold_expiry(state: InstanceState, event: InstanceExpired, result: dict) -> InstanceState:
+def _fold_expiry(state: InstanceState, event: InstanceExpired, result: Result) -> InstanceState:
     invalidated = list(result.get("invalidated", ()))
     return evolve(
         state,
@@ -480,7 +485,7 @@ def _fold_expiry(state: InstanceState, event: InstanceExpired, result: dict) -> 
     )
 
 
-def _fold_release(state: InstanceState, event: InstanceReleased, result: dict) -> InstanceState:
+def _fold_release(state: InstanceState, event: InstanceReleased, result: Result) -> InstanceState:
     invalidated = list(result.get("invalidated", ()))
     return evolve(
         state,
@@ -490,7 +495,7 @@ def _fold_release(state: InstanceState, event: InstanceReleased, result: dict) -
 
 
 def _fold_request(
-    state: InstanceState, event: ServiceNumberRequested, result: dict
+    state: InstanceState, event: ServiceNumberRequested, result: Result
 ) -> InstanceState:
     number = result["service_number"]
     numbers = dict(state.numbers)
@@ -500,7 +505,7 @@ def _fold_request(
     return evolve(state, numbers=numbers)
 
 
-def _fold_filing(state: InstanceState, event: FilingSubmitted, result: dict) -> InstanceState:
+def _fold_filing(state: InstanceState, event: FilingSubmitted, result: Result) -> InstanceState:
     numbers = dict(state.numbers)
     numbers[event.service_number] = evolve(
         numbers[event.service_number],
@@ -522,7 +527,7 @@ def _fold_filing(state: InstanceState, event: FilingSubmitted, result: dict) -> 
     return evolve(state, numbers=numbers, filings=filings)
 
 
-def _fold_withdrawal(state: InstanceState, event: FilingWithdrawn, result: dict) -> InstanceState:
+def _fold_withdrawal(state: InstanceState, event: FilingWithdrawn, result: Result) -> InstanceState:
     filings = dict(state.filings)
     filings[event.filing_id] = evolve(
         filings[event.filing_id], status="withdrawn", withdrawn_at=event.occurred_at
@@ -530,7 +535,7 @@ def _fold_withdrawal(state: InstanceState, event: FilingWithdrawn, result: dict)
     return evolve(state, filings=filings)
 
 
-_FOLDERS: dict[str, Callable[[InstanceState, Any, dict], InstanceState]] = {
+_FOLDERS: dict[str, Callable[[InstanceState, Any, Result], InstanceState]] = {
     "instance.purchased": _fold_purchase,
     "instance.renewed": _fold_renewal,
     "instance.billing_converted": _fold_conversion,

@@ -115,8 +115,8 @@ class Ledger:
         payload is kept. ``sequence`` gives each item's publish number (SPEC §9), or None for an
         item that bypasses the resequencer; without it every item is applied on arrival.
         """
-        texts = list(raws) if raws else [None] * len(items)
-        tags = list(sequence) if sequence else [None] * len(items)
+        texts: list[str | None] = list(raws) if raws else [None] * len(items)
+        tags: list[Tag | None] = list(sequence) if sequence else [None] * len(items)
         work = partial(self._transaction, items=items, raws=texts, tags=tags)
         return self.storage.run(work, self.max_attempts)
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -41,6 +42,7 @@ __all__ = [
     "SequencerGate",
     "ServiceNumberRow",
     "UTCDateTime",
+    "core_table",
     "utcnow",
 ]
 
@@ -67,11 +69,11 @@ class UTCDateTime(TypeDecorator[datetime]):
             raise TypeError(f"UTCDateTime needs a datetime, got {type(value).__name__}")
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError(f"naive datetime {value!r} refused: give it a timezone")
-        value = value.astimezone(UTC)
+        moment: datetime = value.astimezone(UTC)
         if dialect.name == "sqlite":
             # SQLite's DATETIME drops the zone silently; store the UTC wall time.
-            return value.replace(tzinfo=None)
-        return value
+            return moment.replace(tzinfo=None)
+        return moment
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -253,3 +255,10 @@ class ParkedEvent(SQLModel, table=True):
     parked_at: datetime = Field(
         sa_column=Column("parked_at", UTCDateTime(), nullable=False, index=True)
     )
+
+
+def core_table(model: type[SQLModel]) -> Table:
+    """The Core ``Table`` of a table model, for the write path's plain Core statements (SQLModel's
+    classes do not declare ``__table__`` to type checkers)."""
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table

@@ -33,7 +33,7 @@ from ledger.state import InstanceState, state_from_json
 from ledger.store import parking
 from ledger.store.parking import ParkedRow
 from ledger.store.rows import insert_rows, write_projections
-from ledger.tables import DeadLetter, InstanceRow, LedgerEntry
+from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, core_table
 
 __all__ = [
     "ParkedRow",
@@ -51,8 +51,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_ENTRIES = LedgerEntry.__table__
-_DEAD_LETTERS = DeadLetter.__table__
+_ENTRIES = core_table(LedgerEntry)
+_DEAD_LETTERS = core_table(DeadLetter)
 # SQL parameter lists are chunked so that large batches stay under SQLite's variable limit.
 _IN_CHUNK = 500
 
@@ -215,7 +215,7 @@ def in_transaction(engine: Engine, work: Callable[[SqlStore], T], max_attempts: 
             retriable = isinstance(exc, IntegrityError) or is_transient_error(exc)
             if not retriable or attempt >= max_attempts:
                 raise
-            log.info("retrying transaction after %s (attempt %d)", type(exc).__name__, attempt)
+            log.info("retrying batch after %s (attempt %d)", type(exc).__name__, attempt)
             time.sleep(min(0.05 * 2**attempt, 2.0))
             attempt += 1
 
@@ -234,23 +234,24 @@ def due_expiries(
     """A keyset page of active subscriptions whose end is at or before ``now``, by
     ``(expires_at, instance_id)`` after ``after``: the (status, billing_method, expires_at)
     index serves it, so the sweep's cost follows the due instances, not all instances."""
+    rows = core_table(InstanceRow).c
     query = (
-        select(InstanceRow.instance_id, InstanceRow.expires_at)
+        select(rows.instance_id, rows.expires_at)
         .where(
-            InstanceRow.status == "active",
-            InstanceRow.billing_method == "subscription",
-            InstanceRow.expires_at <= now,  # type: ignore[operator]
+            rows.status == "active",
+            rows.billing_method == "subscription",
+            rows.expires_at <= now,
         )
-        .order_by(InstanceRow.expires_at, InstanceRow.instance_id)
+        .order_by(rows.expires_at, rows.instance_id)
         .limit(limit)
     )
     if after is not None:
         query = query.where(
             # Implied by the keyset condition below; stated so that the index range starts at
             # the last page's end instead of the first due row.
-            InstanceRow.expires_at >= after[0],  # type: ignore[operator]
-            (InstanceRow.expires_at > after[0])  # type: ignore[operator]
-            | ((InstanceRow.expires_at == after[0]) & (InstanceRow.instance_id > after[1])),
+            rows.expires_at >= after[0],
+            (rows.expires_at > after[0])
+            | ((rows.expires_at == after[0]) & (rows.instance_id > after[1])),
         )
     with Session(engine) as session:
         return [(iid, expires_at) for iid, expires_at in session.execute(query).all()]

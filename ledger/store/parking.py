@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from ledger.db import id_in
 from ledger.resequencer import Gate, Parked, Release
-from ledger.tables import ParkedEvent, SequencerGate
+from ledger.tables import ParkedEvent, SequencerGate, core_table
 
 __all__ = [
     "ParkedRow",
@@ -31,8 +31,8 @@ __all__ = [
     "write_gates",
 ]
 
-_GATES = SequencerGate.__table__
-_PARKED = ParkedEvent.__table__
+_GATES = core_table(SequencerGate)
+_PARKED = core_table(ParkedEvent)
 _CHUNK = 500
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import JSON, bindparam
 from sqlalchemy.engine import Connection
 
 from ledger.state import InstanceState, state_to_json
-from ledger.tables import FilingRow, InstanceRow, ServiceNumberRow, UTCDateTime
+from ledger.tables import FilingRow, InstanceRow, ServiceNumberRow, UTCDateTime, core_table
 
 __all__ = [
     "filing_row_values",
@@ -116,6 +116,7 @@ def insert_rows(connection: Connection, table: Any, rows: list[dict[str, Any]]) 
     statement, binders = _copy_plan(table, columns, dialect)
     plan = list(zip(columns, binders, strict=True))
     raw = connection.connection.driver_connection
+    assert raw is not None  # a live psycopg connection: the session's transaction holds it
     try:
         with raw.cursor() as cursor, cursor.copy(statement) as copy:
             for row in rows:
@@ -135,7 +136,9 @@ def _update_statement(table: Any, keys: tuple[str, ...], columns: tuple[str, ...
     )
 
 
-def _update_by_key(table: Any, keys: tuple[str, ...], rows: list[dict[str, Any]]) -> tuple:
+def _update_by_key(
+    table: Any, keys: tuple[str, ...], rows: list[dict[str, Any]]
+) -> tuple[Any, list[dict[str, Any]]]:
     """``UPDATE table SET <every other column> WHERE <keys>`` as one executemany: what the
     ORM's bulk UPDATE by primary key sends, as a Core statement (and its parameters)."""
     columns = tuple(name for name in rows[0] if name not in keys)
@@ -179,18 +182,18 @@ def write_projections(
         values = instance_row_values(state, now)
         (updates if instance_id in rows else inserts)[InstanceRow].append(values)
         for number, issued in state.numbers.items():
-            previous = old.numbers.get(number)
-            if previous != issued:
-                target = inserts if previous is None else updates
+            previous_number = old.numbers.get(number)
+            if previous_number != issued:
+                target = inserts if previous_number is None else updates
                 target[ServiceNumberRow].append(number_row_values(instance_id, issued))
         for filing_id, filing in state.filings.items():
-            previous = old.filings.get(filing_id)
-            if previous != filing:
-                target = inserts if previous is None else updates
+            previous_filing = old.filings.get(filing_id)
+            if previous_filing != filing:
+                target = inserts if previous_filing is None else updates
                 target[FilingRow].append(filing_row_values(instance_id, filing))
-    for table, values in inserts.items():
-        if values:
-            insert_rows(connection, table.__table__, values)
-    for table, values in updates.items():
-        if values:
-            connection.execute(*_update_by_key(table.__table__, _KEYS[table], values))
+    for model, rows_of_model in inserts.items():
+        if rows_of_model:
+            insert_rows(connection, core_table(model), rows_of_model)
+    for model, rows_of_model in updates.items():
+        if rows_of_model:
+            connection.execute(*_update_by_key(core_table(model), _KEYS[model], rows_of_model))

@@ -524,6 +524,8 @@ def test_configuration_errors(cli, tmp_path: Path) -> None:
     assert cli("verify", "--db", "mysql://localhost/x").returncode == 2
     proc = cli("verify", "--db", f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
     assert proc.returncode == 2 and "database" in proc.stderr
+    # The message names the path that is missing, not just "unable to open database file".
+    assert str(tmp_path / "no" / "such" / "dir.db") in proc.stderr
 
     # The environment names the database when --db is absent; a fresh file just works.
     env = {"QUOTA_LEDGER_DATABASE_URL": f"sqlite:///{tmp_path / 'env.db'}"}

@@ -114,7 +114,7 @@ def test_a_message_keeps_its_own_order_and_numbers_already_filled_pass(engine: E
     assert entries(engine) == [("mo-1", "applied"), ("mo-2", "applied"), ("mo-3", "applied")]
     with Session(engine) as session:
         gates = {
-            g.instance_id: (g.epoch, g.last) for g in session.exec(select(SequencerGate)).all()
+            g.instance_id: (g.epoch, g.last) for g in session.scalars(select(SequencerGate))
         }
     assert gates == {"i-1": (EPOCH, 3), "i-2": (EPOCH, 1)}
 

@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from events import PRODUCT_TYPES, parse_iso_utc
 from ledger.policy import Policy, PolicyError, load_policy
+from ledger.rules import ELIGIBILITY_STATUSES
 from ledger.settings import get_settings
 from worker import render
 
@@ -39,7 +40,6 @@ PROGRESS_MIN_ENTRIES = 20_000
 #: Rejected / invalid lines listed by ``apply`` without ``--json``.
 APPLY_LISTED = 100
 
-ELIGIBILITY_STATUSES = ("eligible", "ineligible", "unknown", "not_needed", "not_required")
 
 EligibilityChoice = enum.Enum(  # type: ignore[misc]
     "EligibilityChoice", {s: s for s in ELIGIBILITY_STATUSES}, type=str
