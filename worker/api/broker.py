@@ -4,7 +4,11 @@ queue (``/metrics``). Publishing itself is ``events.publish``'s job."""
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import redis
 
 QUEUE_EVENTS_DEFAULT = "quota_ledger.events"
 CHECK_TIMEOUT_S = 2.0
@@ -30,11 +34,11 @@ def is_redis_url(url: str) -> bool:
 # every /readyz, /metrics scrape and ingest check reuses its connection instead of opening a
 # new TCP connection to Redis each time. redis-py's pool is thread-safe and reconnects by itself
 # after a Redis restart.
-_clients: dict[str, object] = {}
+_clients: dict[str, redis.Redis] = {}
 _clients_lock = threading.Lock()
 
 
-def _redis_client(url: str):  # -> redis.Redis
+def _redis_client(url: str) -> redis.Redis:
     import redis
 
     with _clients_lock:
@@ -60,7 +64,7 @@ def close_clients() -> None:
         clients = list(_clients.values())
         _clients.clear()
     for client in clients:
-        client.close()  # type: ignore[attr-defined]
+        client.close()
 
 
 def check_broker(url: str) -> None:

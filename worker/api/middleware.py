@@ -38,7 +38,7 @@ class BodyTimeout(ApiError):
 def _header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope.get("headers", ()):
         if name == wanted:
-            return value
+            return bytes(value)
     return None
 
 
