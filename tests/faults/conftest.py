@@ -98,6 +98,26 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def kill_if_still(target: int, condition: Callable[[], bool], *, group: bool = False) -> bool:
+    """SIGKILL ``target`` (a pid, or a process group with ``group``) at a moment chosen on
+    purpose: freeze it (SIGSTOP), give whatever it already sent (a COMMIT, a lock release) time
+    to be served, and kill it only if ``condition()`` still holds — it cannot change while the
+    target is frozen. Otherwise thaw it (SIGCONT) and return False, so the caller tries again.
+    Without the freeze a kill aimed at a state seen a moment earlier may land after it (a
+    transaction already committed, a lock already released)."""
+    send = os.killpg if group else os.kill
+    try:
+        send(target, signal.SIGSTOP)
+        time.sleep(0.05)
+        if condition():
+            send(target, signal.SIGKILL)
+            return True
+        send(target, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    return False
+
+
 def _socket_inodes(pid: int) -> set[int]:
     inodes = set()
     with contextlib.suppress(OSError):

@@ -317,3 +317,23 @@ def test_a_decoding_defect_still_dead_letters_the_message(app, sqlite_url, monke
         ("processing_error", None, "RecursionError: decoder defect"),
     ]
     assert letters[1].raw == "text"
+
+
+def test_restore_figures_default_from_the_visibility_timeout_and_bound_recovery() -> None:
+    # The defaults: a scan every min(10, timeout / 5) s, its mutex expiring after one interval.
+    default = Settings()
+    assert (default.unacked_restore_interval, default.unacked_mutex_expire) == (10, 10)
+    assert default.crash_recovery_seconds == default.visibility_timeout + 10
+    short = Settings(visibility_timeout=15)
+    assert (short.unacked_restore_interval, short.unacked_mutex_expire) == (3, 3)
+    options = celery_config(short)["broker_transport_options"]
+    assert options["unacked_restore_interval"] == 3
+    assert options["unacked_mutex_expire"] == 3  # not kombu's 300
+    assert options["unacked_restore_throttle"] == 1
+    chosen = Settings(visibility_timeout=60, unacked_restore_interval=5, unacked_mutex_expire=20)
+    assert celery_config(chosen)["broker_transport_options"]["unacked_mutex_expire"] == 20
+    # A mutex (or interval) longer than the visibility timeout would stretch recovery past it.
+    with pytest.raises(ValueError, match="unacked_mutex_expire"):
+        Settings(visibility_timeout=15, unacked_mutex_expire=300)
+    with pytest.raises(ValueError, match="unacked_restore_interval"):
+        Settings(visibility_timeout=15, unacked_restore_interval=16)
