@@ -17,9 +17,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -257,6 +259,159 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+# --- a private PostgreSQL cluster -------------------------------------------------------------
+
+
+def _pg_bin() -> Path:
+    """The newest PostgreSQL server binaries on the machine (Debian: /usr/lib/postgresql/N/bin)."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if not found:
+        pytest.fail("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+    return found[-1].parent
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL cluster of its own (initdb in a temporary directory, a free port), which a
+    test may SIGKILL and restart; the machine's shared server is never touched. PostgreSQL
+    refuses to run as root, so as root the cluster belongs to the ``postgres`` system user."""
+
+    port: int
+    directory: Path
+    popen: subprocess.Popen | None = None
+    starts: int = 0
+    kills: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def data(self) -> Path:
+        return self.directory / "data"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _user(self) -> dict[str, Any]:
+        return {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+
+    def init(self) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres", "postgres")
+        subprocess.run(
+            [
+                str(_pg_bin() / "initdb"),
+                *("-D", str(self.data), "-U", "postgres", "--auth=trust"),
+                *("--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"),
+            ],
+            check=True,
+            capture_output=True,
+            cwd=self.directory,
+            **self._user(),
+        )
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the postmaster. Right after a SIGKILL of the postmaster its orphaned backends
+        may still hold the shared memory for a moment, and PostgreSQL refuses to start until
+        they are gone: retry until it runs (crash recovery then replays the WAL)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.directory / f"postgres-{self.starts}.log"
+            self.logs.append(log)
+            self.starts += 1
+            with log.open("wb") as handle:
+                self.popen = subprocess.Popen(
+                    [
+                        str(_pg_bin() / "postgres"),
+                        *("-D", str(self.data), "-p", str(self.port)),
+                        *("-c", "listen_addresses=127.0.0.1"),
+                        *("-c", f"unix_socket_directories={self.directory}"),
+                        *("-c", "max_connections=100", "-c", "shared_buffers=32MB"),
+                    ],
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    cwd=self.directory,
+                    **self._user(),
+                )
+            if self._wait_ready(deadline):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"PostgreSQL did not start: {log.read_text(errors='replace')}")
+            time.sleep(0.5)
+
+    def _wait_ready(self, deadline: float) -> bool:
+        import psycopg
+
+        while time.monotonic() < deadline:
+            if self.popen is not None and self.popen.poll() is not None:
+                return False  # exited (shared memory still in use): the caller retries
+            try:
+                psycopg.connect(self.url(), connect_timeout=2).close()
+                return True
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+        return False
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster alone: no shutdown checkpoint; its backends notice their
+        parent is gone and exit, the next start runs crash recovery."""
+        if self.popen is not None:
+            os.kill(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+            self.kills += 1
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            kill_group(self.popen.pid)
+            self.popen.wait(10)
+        # Orphaned backends of a killed postmaster (same process group) go too.
+        if self.popen is not None:
+            kill_group(self.popen.pid)
+
+
+@pytest.fixture
+def pg_server() -> Iterator[PostgresServer]:
+    # Not under pytest's tmp_path: that is private to root, and the cluster's user must enter.
+    directory = Path(tempfile.mkdtemp(prefix="ql-faults-pg-"))
+    server = PostgresServer(free_port(), directory)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pipeline(
+    pg_server: PostgresServer,
+    redis_url: str,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+) -> Iterator[Pipeline]:
+    """The ``pipeline`` fixture's process factory, on a database of the private cluster
+    ``pg_server`` (which the test may kill) and a Redis index of its own."""
+    from ledger.db import upgrade
+
+    url = pg_server.create_database("ledger")
+    upgrade(url)
+    pipe = Pipeline(url, redis_url, tmp_path)
+    try:
+        yield pipe
+    finally:
+        pipe.stop_all()
 
 
 # --- databases ---------------------------------------------------------------------------------
