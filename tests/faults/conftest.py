@@ -4,8 +4,10 @@ The pipeline fixtures are the integration suite's (``tests/integration/conftest.
 database index of its own (``redis_url``) and a factory of real ``quota-ledger`` processes, each
 in its own process group, killed with the group at teardown (``pipeline``). This module adds:
 
-- ``redis_server``: a private ``redis-server`` (AOF, ``appendfsync always``) on a free port and a
-  tmp directory, which a test may SIGKILL and restart; killed at teardown;
+- ``redis_server``: a private ``redis-server`` (AOF, ``appendfsync always`` or, parametrized,
+  ``everysec``) on a free port and a tmp directory, which a test may SIGKILL and restart;
+- ``pg_server`` / ``private_pipeline``: a private PostgreSQL cluster (initdb in a temporary
+  directory, a free port) which a test may SIGKILL and restart, and the pipeline on it;
 - process helpers (children of a worker, the pool process that holds an open transaction);
 - ``figures``: every fault test records what it injected and what it counted; the figures are
   printed and merged into ``test-artifacts/faults-summary.json`` (the README quotes them).
@@ -175,10 +177,13 @@ def free_port() -> int:
 
 @dataclass
 class RedisServer:
-    """``redis-server`` on its own port and directory, AOF with ``appendfsync always``."""
+    """``redis-server`` on its own port and directory, AOF with ``appendfsync`` as given
+    (``always``: fsync before every reply; ``everysec``: once a second, docker-compose's;
+    ``off``: no AOF at all, so a kill loses everything the broker held)."""
 
     port: int
     directory: Path
+    appendfsync: str = "always"
     popen: subprocess.Popen | None = None
     starts: int = 0
     kills: int = 0
@@ -202,9 +207,9 @@ class RedisServer:
                     "--dir",
                     str(self.directory),
                     "--appendonly",
-                    "yes",
+                    "no" if self.appendfsync == "off" else "yes",
                     "--appendfsync",
-                    "always",
+                    "always" if self.appendfsync == "off" else self.appendfsync,
                     "--save",
                     "",
                     "--maxmemory-policy",
@@ -238,7 +243,9 @@ class RedisServer:
             client.close()
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown, no final fsync (everything acknowledged is in the AOF)."""
+        """SIGKILL: no shutdown, no final fsync. What Redis acknowledged was written to the AOF
+        before the reply (with ``always`` also fsynced), so it survives in the kernel's page
+        cache; only a crash of the host loses the unsynced part (docs/reliability.md)."""
         if self.popen is not None:
             kill_group(self.popen.pid)
             self.popen.wait(10)
@@ -250,10 +257,11 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A private Redis; ``appendfsync always`` unless parametrized (``indirect=True``)."""
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = RedisServer(free_port(), directory)
+    server = RedisServer(free_port(), directory, getattr(request, "param", "always"))
     server.start()
     try:
         yield server
@@ -506,6 +514,22 @@ def ledger_counts(engine: Engine, prefix: str | None = None) -> dict[str, int]:
 def entry_count(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one())
+
+
+def settled_count(engine: Engine, broker_url: str, timeout: float) -> int:
+    """Wait until the broker holds no message for the workers (nothing queued, nothing
+    delivered and unacknowledged, no delivery counter left) and the ledger stops growing;
+    return its entry count then."""
+    last = -1
+
+    def settled() -> bool:
+        nonlocal last
+        empty = redis_queue_state(broker_url) == {"queued": 0, "unacked": 0, "delivery_keys": 0}
+        count, last = last, entry_count(engine)
+        return empty and count == last
+
+    wait_until(settled, timeout, "the broker to hold no message", step=0.5)
+    return last
 
 
 def audit_clean(pipe: Pipeline) -> dict[str, Any]:
