@@ -404,8 +404,29 @@ def _dead_letter_or_retry(
     return [r.to_json() for r in results]
 
 
+def _runtime_or_retry(task: Task) -> _Runtime:
+    """The process's runtime. Creating it is the first thing a new pool process does with the
+    database (``ensure_schema``); a transient error there (the database restarting, a dropped
+    connection) is retried like one in the transaction. Before, it escaped the task, Celery
+    acknowledged the failed message and its events were lost (found by
+    ``tests/faults/test_network_faults.py``: a connection reset while a new pool process checked
+    the schema)."""
+    try:
+        return _runtime(task)
+    except Exception as exc:
+        if not _is_transient(exc):
+            raise
+        countdown = _backoff(_settings_of(task.app), task.request.retries or 0)
+        log.warning(
+            "%s[%s]: transient error before the task could start, retry in %ss: %s",
+            *(task.name, task.request.id, countdown, _error_text(exc)),
+        )
+        # No limit: nothing was applied, and the message must not be acknowledged unapplied.
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+
+
 def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> list[dict]:
-    runtime = _runtime(task)
+    runtime = _runtime_or_retry(task)
     settings = runtime.settings
     task_id = task.request.id or ""
     deliveries = runtime.deliveries.increment(task_id) if task_id else None
@@ -502,7 +523,7 @@ def dead_letter(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
     """``dead_letter(raw, error)``: a message the worker could not read or run (an item that is
     not a kombu message, ``worker/transport.py``; a body that does not decode or a task nobody
     runs, ``worker/consumer.py``), kept in the dead-letter store as ``invalid_event``."""
-    runtime = _runtime(self)
+    runtime = _runtime_or_retry(self)
     if len(args) == 2 and not kwargs and all(isinstance(arg, str) for arg in args):
         raw, error = args
     else:

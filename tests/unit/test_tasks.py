@@ -187,6 +187,40 @@ def test_transient_errors_are_retried_then_dead_lettered(app, sqlite_url, monkey
     assert "db gone" in letter.error
 
 
+def test_a_transient_error_before_the_task_starts_is_retried_not_acknowledged(
+    app, sqlite_url, monkeypatch
+) -> None:
+    # A new pool process creates its runtime (and checks the schema) on its first message; the
+    # database dropping the connection there must not fail the message (Celery would ack it).
+    import sqlalchemy.exc
+
+    real_runtime = tasks._runtime
+    failures = [1, 1]
+
+    def flaky(task: Any) -> Any:
+        if failures:
+            failures.pop()
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionError("reset"))
+        return real_runtime(task)
+
+    monkeypatch.setattr(tasks, "_runtime", flaky)
+    task = app.tasks[TASK_APPLY_BATCH]
+    retries_asked: list[dict[str, Any]] = []
+    real_retry = task.retry
+
+    def spy_retry(*args: Any, **kwargs: Any) -> Any:
+        retries_asked.append(kwargs)
+        return real_retry(*args, **kwargs)
+
+    monkeypatch.setattr(task, "retry", spy_retry)
+    event = Events("rt").purchase("i-rt")
+    result = _run(app, TASK_APPLY_BATCH, [event])
+    assert result.successful()
+    assert [r["outcome"] for r in result.get()] == ["applied"]
+    assert [r["max_retries"] for r in retries_asked] == [None, None]
+    assert _entries(sqlite_url) == ["rt-1"] and _dead_letters(sqlite_url) == []
+
+
 def test_backoff_is_exponential_bounded_and_jittered() -> None:
     settings = Settings(retry_backoff=1, retry_backoff_max=60)
     for retries in range(12):
