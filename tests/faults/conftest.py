@@ -36,7 +36,13 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
-from tests.integration.conftest import Pipeline, Proc, pipeline, redis_url  # noqa: F401
+from tests.integration.conftest import (  # noqa: F401
+    Pipeline,
+    Proc,
+    pipeline,
+    pipeline_on,
+    redis_url,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY = REPO / "test-artifacts" / "faults-summary.json"
@@ -411,15 +417,8 @@ def private_pipeline(
 ) -> Iterator[Pipeline]:
     """The ``pipeline`` fixture's process factory, on a database of the private cluster
     ``pg_server`` (which the test may kill) and a Redis index of its own."""
-    from ledger.db import upgrade
-
-    url = pg_server.create_database("ledger")
-    upgrade(url)
-    pipe = Pipeline(url, redis_url, tmp_path)
-    try:
+    with pipeline_on(pg_server.create_database("ledger"), redis_url, tmp_path) as pipe:
         yield pipe
-    finally:
-        pipe.stop_all()
 
 
 # --- databases ---------------------------------------------------------------------------------
@@ -517,6 +516,15 @@ def ledger_counts(engine: Engine, prefix: str | None = None) -> dict[str, int]:
 def entry_count(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one())
+
+
+def wait_for_an_empty_queue(broker_url: str, timeout: float) -> None:
+    """Nothing queued, nothing delivered and unacknowledged, no delivery counter left."""
+    wait_until(
+        lambda: redis_queue_state(broker_url) == {"queued": 0, "unacked": 0, "delivery_keys": 0},
+        timeout,
+        "an empty queue",
+    )
 
 
 def settled_count(engine: Engine, broker_url: str, timeout: float) -> int:

@@ -25,7 +25,7 @@ from tests.faults.conftest import (
     check_engine,
     entry_count,
     ledger_counts,
-    redis_queue_state,
+    wait_for_an_empty_queue,
     wait_until,
     workload,
 )
@@ -69,14 +69,7 @@ def test_postgres_killed_mid_run_and_restarted_loses_and_duplicates_nothing(
         seconds_down = time.monotonic() - down
         wait_until(lambda: entry_count(engine) >= len(events), 180, "every event in the ledger")
         recovered = time.monotonic() - down
-        wait_until(
-            lambda: (
-                redis_queue_state(pipe.broker_url)
-                == {"queued": 0, "unacked": 0, "delivery_keys": 0}
-            ),
-            60,
-            "an empty queue",
-        )
+        wait_for_an_empty_queue(pipe.broker_url, 60)
         counts = ledger_counts(engine, "pg")
     finally:
         engine.dispose()

@@ -40,6 +40,7 @@ from tests.faults.conftest import (
     redelivered,
     redeliveries,
     redis_queue_state,
+    wait_for_an_empty_queue,
     wait_until,
     workload,
 )
@@ -85,14 +86,7 @@ def test_a_pool_process_killed_mid_batch_loses_and_duplicates_nothing(
         assert kills, "no pool process was ever caught inside a transaction"
 
         wait_until(lambda: entry_count(engine) >= len(events), 240, "every event in the ledger")
-        wait_until(
-            lambda: (
-                redis_queue_state(pipeline.broker_url)
-                == {"queued": 0, "unacked": 0, "delivery_keys": 0}
-            ),
-            20,
-            "an empty queue",
-        )
+        wait_for_an_empty_queue(pipeline.broker_url, 20)
         counts = ledger_counts(engine, "pk")
     finally:
         engine.dispose()
@@ -147,14 +141,7 @@ def test_a_killed_worker_is_replaced_and_exactly_20000_entries_result(
 
         second = pipeline.worker("worker-2", concurrency=2)
         wait_until(lambda: entry_count(engine) >= len(events), 240, "every event in the ledger")
-        wait_until(
-            lambda: (
-                redis_queue_state(pipeline.broker_url)
-                == {"queued": 0, "unacked": 0, "delivery_keys": 0}
-            ),
-            30,
-            "an empty queue",
-        )
+        wait_for_an_empty_queue(pipeline.broker_url, 30)
         elapsed = time.monotonic() - started
         counts = ledger_counts(engine, "wk")
     finally:
@@ -239,14 +226,7 @@ def test_a_worker_killed_holding_the_restore_mutex_is_recovered_within_the_visib
         wait_until(handed_out_again, bound + margin + 30, "the dead worker's messages", step=0.05)
         recovered_after = time.monotonic() - killed
         wait_until(lambda: entry_count(engine) >= len(events), 120, "every event in the ledger")
-        wait_until(
-            lambda: (
-                redis_queue_state(pipeline.broker_url)
-                == {"queued": 0, "unacked": 0, "delivery_keys": 0}
-            ),
-            30,
-            "an empty queue",
-        )
+        wait_for_an_empty_queue(pipeline.broker_url, 30)
         counts = ledger_counts(engine, "mx")
     finally:
         engine.dispose()

@@ -51,6 +51,20 @@ def _run(app: Any, name: str, *args: Any, task_id: str = "task-1", **kwargs: Any
     return app.tasks[name].apply(args=list(args), kwargs=kwargs, task_id=task_id)
 
 
+def _spy_on_retries(app: Any, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The keyword arguments of every ``apply_batch.retry`` call, in order."""
+    task = app.tasks[TASK_APPLY_BATCH]
+    asked: list[dict[str, Any]] = []
+    real_retry = task.retry
+
+    def spy_retry(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        return real_retry(*args, **kwargs)
+
+    monkeypatch.setattr(task, "retry", spy_retry)
+    return asked
+
+
 def _dead_letters(url: str) -> list[DeadLetter]:
     engine = make_engine(url)
     try:
@@ -164,15 +178,7 @@ def test_transient_errors_are_retried_then_dead_lettered(app, sqlite_url, monkey
         return real_apply(self, items, raws=raws, sequence=sequence)
 
     monkeypatch.setattr(Ledger, "apply", flaky)
-    task = app.tasks[TASK_APPLY_BATCH]
-    retries_asked: list[dict[str, Any]] = []
-    real_retry = task.retry
-
-    def spy_retry(*args: Any, **kwargs: Any) -> Any:
-        retries_asked.append(kwargs)
-        return real_retry(*args, **kwargs)
-
-    monkeypatch.setattr(task, "retry", spy_retry)
+    retries_asked = _spy_on_retries(app, monkeypatch)
     event = Events("tr").purchase("i-tr")
     # Eagerly, Celery runs each retry at once (a worker would wait for the countdown): the
     # first run and max_retries = 2 retries fail, then the last one gives up and dead-letters.
@@ -204,15 +210,7 @@ def test_a_transient_error_before_the_task_starts_is_retried_not_acknowledged(
         return real_runtime(task)
 
     monkeypatch.setattr(tasks, "_runtime", flaky)
-    task = app.tasks[TASK_APPLY_BATCH]
-    retries_asked: list[dict[str, Any]] = []
-    real_retry = task.retry
-
-    def spy_retry(*args: Any, **kwargs: Any) -> Any:
-        retries_asked.append(kwargs)
-        return real_retry(*args, **kwargs)
-
-    monkeypatch.setattr(task, "retry", spy_retry)
+    retries_asked = _spy_on_retries(app, monkeypatch)
     event = Events("rt").purchase("i-rt")
     result = _run(app, TASK_APPLY_BATCH, [event])
     assert result.successful()
