@@ -12,7 +12,7 @@ from sqlmodel import Session
 from ledger.policy import Policy
 from ledger.state import InstanceState, state_from_json
 from ledger.store.parking import list_parked, parked_counts
-from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, ServiceNumberRow
+from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, ParkedEvent, ServiceNumberRow
 from ledger.views import (
     dead_letter_view,
     entry_view,
@@ -123,7 +123,8 @@ _IDS_PER_QUERY = 1000
 
 def unaccounted_event_ids(session: Session, *, event_ids: Sequence[str]) -> list[str]:
     """The ids of ``event_ids`` (in their order, each once) that the ledger has neither
-    appended nor dead-lettered: the publisher-side check of ``quota-ledger reconcile``. Once
+    appended, nor dead-lettered, nor parked (stored by the resequencer until its turn): the
+    publisher-side check of ``quota-ledger reconcile``. Once
     the broker holds no message any more (nothing queued, nothing delivered and unacknowledged),
     an event whose publish returned and that is still unaccounted for was lost by the broker
     (docs/reliability.md)."""
@@ -136,9 +137,6 @@ def unaccounted_event_ids(session: Session, *, event_ids: Sequence[str]) -> list
                 select(LedgerEntry.event_id).where(LedgerEntry.event_id.in_(chunk))  # type: ignore[attr-defined]
             ).scalars()
         )
-        seen.update(
-            session.execute(
-                select(DeadLetter.event_id).where(DeadLetter.event_id.in_(chunk))  # type: ignore[union-attr]
-            ).scalars()
-        )
+        for column in (DeadLetter.event_id, ParkedEvent.event_id):
+            seen.update(session.execute(select(column).where(column.in_(chunk))).scalars())  # type: ignore[union-attr]
     return [event_id for event_id in wanted if event_id not in seen]

@@ -193,10 +193,11 @@ def reconcile_command(
     db: DbOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,
 ) -> None:
-    """The publisher-side check: which valid events of FILE the ledger has neither appended
-    nor dead-lettered. Run it once the broker holds no message (the answer says whether it
-    does): an event still unaccounted for then was lost by the broker (a Redis that crashed
-    with appendfsync everysec), and --republish sends it again. Exit 1 if any is unaccounted."""
+    """The publisher-side check: which valid events of FILE the ledger has neither appended,
+    nor dead-lettered, nor parked. Run it once the broker holds no message (the answer says
+    whether it does): an event still unaccounted for then was lost by the broker (a Redis that
+    crashed with appendfsync everysec), and --republish sends it again. Exit 1 if any is
+    unaccounted."""
     guarded(_reconcile)(ctx, file, republish, db, as_json)
 
 
@@ -255,8 +256,8 @@ def _reconcile(
         )
         out.print(
             Text(
-                f"Reconciled {label}: {len(events)} event(s), {len(missing)} neither applied nor"
-                f" dead-lettered"
+                f"Reconciled {label}: {len(events)} event(s), {len(missing)} not applied,"
+                " dead-lettered or parked"
                 + (f" ({state})" if missing else "")
                 + (f"; {republished} republished." if republish else "."),
                 style="bold",
