@@ -256,7 +256,7 @@ def _soak(seed, pipe, pg_server, redis_server, tmp_path, figures) -> None:
         seed=seed,
         events=total,
         faults=injected,
-        seconds=round(run_seconds, 1),
+        run_seconds=round(run_seconds, 1),
         outcomes=outcomes,
         **progress,
         entries=len(actual_entries),
