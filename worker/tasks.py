@@ -404,6 +404,34 @@ def _dead_letter_or_retry(
     return [r.to_json() for r in results]
 
 
+def _terminating(exc: BaseException) -> bool:
+    """True when ``exc`` is this process being stopped, not the message failing: billiard's
+    terminate handler fired (Celery cancels a running late-ack task on a lost broker connection
+    with SIGTERM, which raises SystemExit in the task), or a SystemExit/KeyboardInterrupt sits in
+    the exception's chain. Libraries may wrap it in an ordinary exception — pydantic does, as
+    ``PydanticSerializationError: Error calling function `iso_utc`: SystemExit: -241`` — and
+    the task then dead-lettered a whole message of valid events as ``processing_error`` (found
+    by ``tests/faults/test_broker_restart.py``). Re-raised, the process exits, the job counts as
+    lost and the message is delivered again."""
+    try:
+        from billiard.common import terminate_handler_fired
+    except ImportError:  # pragma: no cover - billiard ships with Celery
+        fired = False
+    else:
+        fired = bool(terminate_handler_fired())
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if not isinstance(current, Exception):
+            return True
+        todo += [current.__cause__, current.__context__]
+    return fired
+
+
 def _runtime_or_retry(task: Task) -> _Runtime:
     """The process's runtime. Creating it is the first thing a new pool process does with the
     database (``ensure_schema``); a transient error there (the database restarting, a dropped
@@ -457,6 +485,8 @@ def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> 
     except Retry:
         raise
     except Exception as exc:
+        if _terminating(exc):
+            raise
         retries = task.request.retries or 0
         error = _error_text(exc)
         if _is_transient(exc):
@@ -495,6 +525,8 @@ class _DeadLetteringTask(Task):
     runs). Dead-letter what arrived instead of leaving only a log line."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any):
+        if _terminating(exc):  # the process is being stopped: the message comes back
+            return
         arrived = {"args": args, "kwargs": kwargs}
         error = f"{self.name} could not run: {_error_text(exc)}"
         try:

@@ -219,6 +219,22 @@ def test_a_transient_error_before_the_task_starts_is_retried_not_acknowledged(
     assert _entries(sqlite_url) == ["rt-1"] and _dead_letters(sqlite_url) == []
 
 
+def test_a_task_cancelled_by_sigterm_is_not_dead_lettered(app, sqlite_url, monkeypatch) -> None:
+    # Celery cancels a running late-ack task on a lost broker connection with SIGTERM: billiard
+    # raises SystemExit in it, which pydantic wraps in an ordinary exception. The message must be
+    # left to redelivery, not dead-lettered as processing_error.
+    import billiard.common
+
+    def cancelled(self, items, *, raws=None):
+        raise ValueError("Error calling function `iso_utc`: SystemExit: -241")
+
+    monkeypatch.setattr(Ledger, "apply", cancelled)
+    monkeypatch.setattr(billiard.common, "terminate_handler_fired", lambda: True)
+    result = _run(app, TASK_APPLY_BATCH, [Events("ct").purchase("i-ct")])
+    assert not result.successful()
+    assert _entries(sqlite_url) == [] and _dead_letters(sqlite_url) == []
+
+
 def test_backoff_is_exponential_bounded_and_jittered() -> None:
     settings = Settings(retry_backoff=1, retry_backoff_max=60)
     for retries in range(12):
