@@ -105,7 +105,7 @@ def test_terminated_database_connections_lose_and_duplicate_nothing(
     log = worker.text()
     terminated = sum(n for n, _ in rounds)
     mid_transaction = sum(busy for _, busy in rounds)
-    ledger_retries = len(re.findall(r"retrying batch after", log))
+    ledger_retries = len(re.findall(r"retrying transaction after", log))
     celery_retries = len(re.findall(r"transient error, retry", log))
     assert len(rounds) >= 5 and mid_transaction >= 1, rounds
     assert ledger_retries >= 1 and celery_retries >= 1

@@ -140,7 +140,7 @@ def test_stalled_cut_and_reset_connections_lose_and_duplicate_nothing(
         connections_hit=hits,
         postgres_connections_opened=pg.accepted,
         redis_connections_opened=broker.accepted,
-        retries_logged=len(re.findall(r"retrying batch after|transient error, retry", log)),
+        retries_logged=len(re.findall(r"retrying transaction after|transient error, retry", log)),
         broker_reconnects=log.count("Connection to broker lost"),
         entries=counts["entries"],
         events_lost=total - counts["distinct"],

@@ -82,7 +82,7 @@ def test_postgres_killed_mid_run_and_restarted_loses_and_duplicates_nothing(
     assert counts["dead_letters"] == 0
     assert counts["numbers"] == 4000 * 4
     retries = sum(
-        len(re.findall(r"retrying batch after|transient error, retry", log)) for log in logs
+        len(re.findall(r"retrying transaction after|transient error, retry", log)) for log in logs
     )
     assert retries >= 1, "no worker noticed the crash"
     report = audit_clean(pipe)
