@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +12,7 @@ from sqlmodel import Session, col
 from ledger.policy import Policy
 from ledger.state import InstanceState, state_from_json
 from ledger.store.parking import list_parked, parked_counts
-from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, ServiceNumberRow
+from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, ParkedEvent, ServiceNumberRow
 from ledger.views import (
     dead_letter_view,
     entry_view,
@@ -119,3 +119,28 @@ def rejected_events(
     if limit is not None:
         query = query.limit(limit)
     return [dead_letter_view(row) for row in session.execute(query).scalars()]
+
+
+#: Event ids per ``IN (…)`` of :func:`unaccounted_event_ids`.
+_IDS_PER_QUERY = 1000
+
+
+def unaccounted_event_ids(session: Session, *, event_ids: Sequence[str]) -> list[str]:
+    """The ids of ``event_ids`` (in their order, each once) that the ledger has neither
+    appended, nor dead-lettered, nor parked (stored by the resequencer until its turn): the
+    publisher-side check of ``quota-ledger reconcile``. Once
+    the broker holds no message any more (nothing queued, nothing delivered and unacknowledged),
+    an event whose publish returned and that is still unaccounted for was lost by the broker
+    (docs/reliability.md)."""
+    wanted = list(dict.fromkeys(event_ids))
+    seen: set[str] = set()
+    for start in range(0, len(wanted), _IDS_PER_QUERY):
+        chunk = wanted[start : start + _IDS_PER_QUERY]
+        seen.update(
+            session.execute(
+                select(LedgerEntry.event_id).where(LedgerEntry.event_id.in_(chunk))  # type: ignore[attr-defined]
+            ).scalars()
+        )
+        for column in (DeadLetter.event_id, ParkedEvent.event_id):
+            seen.update(session.execute(select(column).where(column.in_(chunk))).scalars())  # type: ignore[union-attr]
+    return [event_id for event_id in wanted if event_id not in seen]

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: SPEC §9 defaults: events parked per instance before its lowest gap is skipped, and the gap
@@ -74,6 +74,21 @@ class Settings(BaseSettings):
     # below a minute. Publishers read the same variable (events/publish.py), because kombu
     # uses the shortest value of everybody sharing the broker.
     visibility_timeout: int = Field(default=600, ge=5)
+    # Seconds between two scans of every worker for messages whose visibility timeout ran out
+    # (kombu's ``unacked_restore_interval``, with the throttle at 1 so that every tick scans).
+    # Default (None): min(10, visibility_timeout // 5), at least 1. A crashed worker's messages
+    # are handed out again at most ``visibility_timeout + unacked_restore_interval`` seconds
+    # after the crash (docs/reliability.md).
+    unacked_restore_interval: int | None = Field(default=None, ge=1)
+    # Seconds before the Redis mutex of that scan (kombu's ``unacked_mutex``) expires on its
+    # own. A worker killed while it holds the mutex blocks every other worker's scan until
+    # then; kombu's default is 300 s, which held a crashed worker's messages back for up to
+    # five minutes after their visibility timeout. Default (None): the restore interval. Must
+    # not exceed ``visibility_timeout``, so that such a kill never delays recovery beyond
+    # ``visibility_timeout + unacked_restore_interval``. A scan that outlives it is harmless:
+    # kombu restores each message in a WATCH/MULTI transaction, so two scans never restore one
+    # message twice.
+    unacked_mutex_expire: int | None = Field(default=None, ge=1)
     # Celery's worker_prefetch_multiplier: a worker holds at most multiplier × concurrency
     # unacknowledged messages (bench/prefetch.py, docs/operations.md "Celery settings").
     prefetch_multiplier: int = Field(default=1, ge=1)
@@ -109,12 +124,36 @@ class Settings(BaseSettings):
             return [host.strip() for host in value.split(",") if host.strip()]
         return value
 
+    @model_validator(mode="after")
+    def _restore_figures(self) -> Settings:
+        if self.unacked_restore_interval is None:
+            self.unacked_restore_interval = unacked_restore_interval(self.visibility_timeout)
+        if self.unacked_mutex_expire is None:
+            self.unacked_mutex_expire = self.unacked_restore_interval
+        if self.unacked_restore_interval > self.visibility_timeout:
+            raise ValueError(
+                f"unacked_restore_interval ({self.unacked_restore_interval}) must not exceed "
+                f"visibility_timeout ({self.visibility_timeout})"
+            )
+        if self.unacked_mutex_expire > self.visibility_timeout:
+            raise ValueError(
+                f"unacked_mutex_expire ({self.unacked_mutex_expire}) must not exceed "
+                f"visibility_timeout ({self.visibility_timeout})"
+            )
+        return self
+
+    @property
+    def crash_recovery_seconds(self) -> int:
+        """The longest a crashed worker's messages wait before another worker can take them:
+        the visibility timeout plus one restore interval (docs/reliability.md)."""
+        assert self.unacked_restore_interval is not None
+        return self.visibility_timeout + self.unacked_restore_interval
+
     @property
     def gap_timeout_seconds(self) -> float:
         if self.gap_timeout is not None:
             return self.gap_timeout
-        restore = unacked_restore_interval(self.visibility_timeout)
-        return float(self.visibility_timeout + restore + 30)
+        return float(self.crash_recovery_seconds + 30)
 
     def resequencer_options(self) -> dict[str, Any]:
         """The ``Ledger`` keyword arguments of the resequencer."""

@@ -32,7 +32,7 @@ from events.publish import (
     task_queues,
 )
 from ledger.policy import Policy
-from ledger.settings import Settings, get_settings, unacked_restore_interval
+from ledger.settings import Settings, get_settings
 
 __all__ = ["SWEEP_ENTRY", "LedgerCelery", "app", "celery_config", "create_app"]
 
@@ -94,9 +94,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             **broker_transport_options(visibility),
             # kombu looks for messages whose visibility timeout ran out (taken by a worker that
             # died, or in flight when Redis restarted) only every interval × throttle seconds,
-            # 10 × 10 by default: up to 100 s more. Look every min(10, timeout / 5) s instead
-            # (a ZRANGE under a Redis mutex per worker), so they come back within that.
-            "unacked_restore_interval": unacked_restore_interval(visibility),
+            # 10 × 10 by default: up to 100 s more. Look every unacked_restore_interval seconds
+            # instead (a ZRANGE under a Redis mutex per worker), so they come back within that.
+            "unacked_restore_interval": settings.unacked_restore_interval,
+            # The mutex of that scan expires after unacked_mutex_expire seconds, not kombu's
+            # 300: a worker killed while holding it no longer blocks every other worker's scan
+            # for five minutes (docs/reliability.md, tests/faults/test_worker_kills.py).
+            "unacked_mutex_expire": settings.unacked_mutex_expire,
             "unacked_restore_throttle": 1,
         },
         "result_backend_transport_options": {"visibility_timeout": visibility},

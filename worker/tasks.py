@@ -413,8 +413,57 @@ def _dead_letter_or_retry(
     return [r.to_json() for r in results]
 
 
+def _terminating(exc: BaseException) -> bool:
+    """True when ``exc`` is this process being stopped, not the message failing: billiard's
+    terminate handler fired (Celery cancels a running late-ack task on a lost broker connection
+    with SIGTERM, which raises SystemExit in the task), or a SystemExit/KeyboardInterrupt sits in
+    the exception's chain. Libraries may wrap it in an ordinary exception — pydantic does, as
+    ``PydanticSerializationError: Error calling function `iso_utc`: SystemExit: -241`` — and
+    the task then dead-lettered a whole message of valid events as ``processing_error`` (found
+    by ``tests/faults/test_broker_restart.py``). Re-raised, the process exits, the job counts as
+    lost and the message is delivered again."""
+    try:
+        from billiard.common import terminate_handler_fired
+    except ImportError:  # pragma: no cover - billiard ships with Celery
+        fired = False
+    else:
+        fired = bool(terminate_handler_fired())
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if not isinstance(current, Exception):
+            return True
+        todo += [current.__cause__, current.__context__]
+    return fired
+
+
+def _runtime_or_retry(task: Task) -> _Runtime:
+    """The process's runtime. Creating it is the first thing a new pool process does with the
+    database (``ensure_schema``); a transient error there (the database restarting, a dropped
+    connection) is retried like one in the transaction. Before, it escaped the task, Celery
+    acknowledged the failed message and its events were lost (found by
+    ``tests/faults/test_network_faults.py``: a connection reset while a new pool process checked
+    the schema)."""
+    try:
+        return _runtime(task)
+    except Exception as exc:
+        if not _is_transient(exc):
+            raise
+        countdown = _backoff(_settings_of(task.app), task.request.retries or 0)
+        log.warning(
+            "%s[%s]: transient error before the task could start, retry in %ss: %s",
+            *(task.name, task.request.id, countdown, _error_text(exc)),
+        )
+        # No limit: nothing was applied, and the message must not be acknowledged unapplied.
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+
+
 def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> list[dict]:
-    runtime = _runtime(task)
+    runtime = _runtime_or_retry(task)
     settings = runtime.settings
     task_id = task.request.id or ""
     deliveries = runtime.deliveries.increment(task_id) if task_id else None
@@ -445,6 +494,8 @@ def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> 
     except Retry:
         raise
     except Exception as exc:
+        if _terminating(exc):
+            raise
         retries = task.request.retries or 0
         error = _error_text(exc)
         if _is_transient(exc):
@@ -483,6 +534,8 @@ class _DeadLetteringTask(Task):
     runs). Dead-letter what arrived instead of leaving only a log line."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any):
+        if _terminating(exc):  # the process is being stopped: the message comes back
+            return
         arrived = {"args": args, "kwargs": kwargs}
         error = f"{self.name} could not run: {_error_text(exc)}"
         try:
@@ -511,7 +564,7 @@ def dead_letter(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
     """``dead_letter(raw, error)``: a message the worker could not read or run (an item that is
     not a kombu message, ``worker/transport.py``; a body that does not decode or a task nobody
     runs, ``worker/consumer.py``), kept in the dead-letter store as ``invalid_event``."""
-    runtime = _runtime(self)
+    runtime = _runtime_or_retry(self)
     if len(args) == 2 and not kwargs and all(isinstance(arg, str) for arg in args):
         raw, error = args
     else:

@@ -4,8 +4,10 @@ The pipeline fixtures are the integration suite's (``tests/integration/conftest.
 database index of its own (``redis_url``) and a factory of real ``quota-ledger`` processes, each
 in its own process group, killed with the group at teardown (``pipeline``). This module adds:
 
-- ``redis_server``: a private ``redis-server`` (AOF, ``appendfsync always``) on a free port and a
-  tmp directory, which a test may SIGKILL and restart; killed at teardown;
+- ``redis_server``: a private ``redis-server`` (AOF, ``appendfsync always`` or, parametrized,
+  ``everysec``) on a free port and a tmp directory, which a test may SIGKILL and restart;
+- ``pg_server`` / ``private_pipeline``: a private PostgreSQL cluster (initdb in a temporary
+  directory, a free port) which a test may SIGKILL and restart, and the pipeline on it;
 - process helpers (children of a worker, the pool process that holds an open transaction);
 - ``figures``: every fault test records what it injected and what it counted; the figures are
   printed and merged into ``test-artifacts/faults-summary.json`` (the README quotes them).
@@ -17,9 +19,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +36,13 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
-from tests.integration.conftest import Pipeline, Proc, pipeline, redis_url  # noqa: F401
+from tests.integration.conftest import (  # noqa: F401
+    Pipeline,
+    Proc,
+    pipeline,
+    pipeline_on,
+    redis_url,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY = REPO / "test-artifacts" / "faults-summary.json"
@@ -98,6 +108,26 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def kill_if_still(target: int, condition: Callable[[], bool], *, group: bool = False) -> bool:
+    """SIGKILL ``target`` (a pid, or a process group with ``group``) at a moment chosen on
+    purpose: freeze it (SIGSTOP), give whatever it already sent (a COMMIT, a lock release) time
+    to be served, and kill it only if ``condition()`` still holds — it cannot change while the
+    target is frozen. Otherwise thaw it (SIGCONT) and return False, so the caller tries again.
+    Without the freeze a kill aimed at a state seen a moment earlier may land after it (a
+    transaction already committed, a lock already released)."""
+    send = os.killpg if group else os.kill
+    try:
+        send(target, signal.SIGSTOP)
+        time.sleep(0.05)
+        if condition():
+            send(target, signal.SIGKILL)
+            return True
+        send(target, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    return False
+
+
 def _socket_inodes(pid: int) -> set[int]:
     inodes = set()
     with contextlib.suppress(OSError):
@@ -153,10 +183,13 @@ def free_port() -> int:
 
 @dataclass
 class RedisServer:
-    """``redis-server`` on its own port and directory, AOF with ``appendfsync always``."""
+    """``redis-server`` on its own port and directory, AOF with ``appendfsync`` as given
+    (``always``: fsync before every reply; ``everysec``: once a second, docker-compose's;
+    ``off``: no AOF at all, so a kill loses everything the broker held)."""
 
     port: int
     directory: Path
+    appendfsync: str = "always"
     popen: subprocess.Popen | None = None
     starts: int = 0
     kills: int = 0
@@ -180,9 +213,9 @@ class RedisServer:
                     "--dir",
                     str(self.directory),
                     "--appendonly",
-                    "yes",
+                    "no" if self.appendfsync == "off" else "yes",
                     "--appendfsync",
-                    "always",
+                    "always" if self.appendfsync == "off" else self.appendfsync,
                     "--save",
                     "",
                     "--maxmemory-policy",
@@ -216,7 +249,9 @@ class RedisServer:
             client.close()
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown, no final fsync (everything acknowledged is in the AOF)."""
+        """SIGKILL: no shutdown, no final fsync. What Redis acknowledged was written to the AOF
+        before the reply (with ``always`` also fsynced), so it survives in the kernel's page
+        cache; only a crash of the host loses the unsynced part (docs/reliability.md)."""
         if self.popen is not None:
             kill_group(self.popen.pid)
             self.popen.wait(10)
@@ -228,15 +263,162 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A private Redis; ``appendfsync always`` unless parametrized (``indirect=True``)."""
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = RedisServer(free_port(), directory)
+    server = RedisServer(free_port(), directory, getattr(request, "param", "always"))
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+# --- a private PostgreSQL cluster -------------------------------------------------------------
+
+
+def _pg_bin() -> Path:
+    """The newest PostgreSQL server binaries on the machine (Debian: /usr/lib/postgresql/N/bin)."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if not found:
+        pytest.fail("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+    return found[-1].parent
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL cluster of its own (initdb in a temporary directory, a free port), which a
+    test may SIGKILL and restart; the machine's shared server is never touched. PostgreSQL
+    refuses to run as root, so as root the cluster belongs to the ``postgres`` system user."""
+
+    port: int
+    directory: Path
+    popen: subprocess.Popen | None = None
+    starts: int = 0
+    kills: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def data(self) -> Path:
+        return self.directory / "data"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _user(self) -> dict[str, Any]:
+        return {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+
+    def init(self) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres", "postgres")
+        subprocess.run(
+            [
+                str(_pg_bin() / "initdb"),
+                *("-D", str(self.data), "-U", "postgres", "--auth=trust"),
+                *("--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"),
+            ],
+            check=True,
+            capture_output=True,
+            cwd=self.directory,
+            **self._user(),
+        )
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the postmaster. Right after a SIGKILL of the postmaster its orphaned backends
+        may still hold the shared memory for a moment, and PostgreSQL refuses to start until
+        they are gone: retry until it runs (crash recovery then replays the WAL)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.directory / f"postgres-{self.starts}.log"
+            self.logs.append(log)
+            self.starts += 1
+            with log.open("wb") as handle:
+                self.popen = subprocess.Popen(
+                    [
+                        str(_pg_bin() / "postgres"),
+                        *("-D", str(self.data), "-p", str(self.port)),
+                        *("-c", "listen_addresses=127.0.0.1"),
+                        *("-c", f"unix_socket_directories={self.directory}"),
+                        *("-c", "max_connections=100", "-c", "shared_buffers=32MB"),
+                    ],
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    cwd=self.directory,
+                    **self._user(),
+                )
+            if self._wait_ready(deadline):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"PostgreSQL did not start: {log.read_text(errors='replace')}")
+            time.sleep(0.5)
+
+    def _wait_ready(self, deadline: float) -> bool:
+        import psycopg
+
+        while time.monotonic() < deadline:
+            if self.popen is not None and self.popen.poll() is not None:
+                return False  # exited (shared memory still in use): the caller retries
+            try:
+                psycopg.connect(self.url(), connect_timeout=2).close()
+                return True
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+        return False
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster alone: no shutdown checkpoint; its backends notice their
+        parent is gone and exit, the next start runs crash recovery."""
+        if self.popen is not None:
+            os.kill(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+            self.kills += 1
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            kill_group(self.popen.pid)
+            self.popen.wait(10)
+        # Orphaned backends of a killed postmaster (same process group) go too.
+        if self.popen is not None:
+            kill_group(self.popen.pid)
+
+
+@pytest.fixture
+def pg_server() -> Iterator[PostgresServer]:
+    # Not under pytest's tmp_path: that is private to root, and the cluster's user must enter.
+    directory = Path(tempfile.mkdtemp(prefix="ql-faults-pg-"))
+    server = PostgresServer(free_port(), directory)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pipeline(
+    pg_server: PostgresServer,
+    redis_url: str,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+) -> Iterator[Pipeline]:
+    """The ``pipeline`` fixture's process factory, on a database of the private cluster
+    ``pg_server`` (which the test may kill) and a Redis index of its own."""
+    with pipeline_on(pg_server.create_database("ledger"), redis_url, tmp_path) as pipe:
+        yield pipe
 
 
 # --- databases ---------------------------------------------------------------------------------
@@ -298,16 +480,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 # --- workloads and checks ----------------------------------------------------------------------
 
 
-def workload(prefix: str, instances: int, requests: int = 4) -> list[dict[str, Any]]:
+def workload(
+    prefix: str, instances: int, requests: int = 4, expires_days: float = 365
+) -> list[dict[str, Any]]:
     """Per instance a purchase followed by ``requests`` service-number requests, consecutive,
-    so that a batch size divisible by ``1 + requests`` never splits an instance's events."""
+    so that a batch size divisible by ``1 + requests`` never splits an instance's events.
+    Subscriptions end ``expires_days`` after 2026-01-01."""
     from tests.support import Events
 
     factory = Events(prefix)
     events: list[dict[str, Any]] = []
     for n in range(instances):
         instance = f"i-{prefix}-{n:05d}"
-        events.append(factory.purchase(instance))
+        events.append(factory.purchase(instance, expires=expires_days))
         events += [factory.request(instance, at=10 + k / 10) for k in range(requests)]
     return events
 
@@ -331,6 +516,37 @@ def ledger_counts(engine: Engine, prefix: str | None = None) -> dict[str, int]:
 def entry_count(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one())
+
+
+def wait_for_an_empty_queue(broker_url: str, timeout: float) -> None:
+    """Nothing queued, nothing delivered and unacknowledged, no delivery counter left."""
+    wait_until(
+        lambda: redis_queue_state(broker_url) == {"queued": 0, "unacked": 0, "delivery_keys": 0},
+        timeout,
+        "an empty queue",
+    )
+
+
+def settled_count(engine: Engine, broker_url: str, timeout: float) -> int:
+    """Wait until the broker holds no message for the workers (nothing queued, nothing
+    delivered and unacknowledged) and the ledger stops growing; return its entry count then.
+
+    Delivery counters are not waited for: a task that completed while Redis was down could not
+    delete its counter (best effort, ``worker/deliveries.py``), which then only expires."""
+    last = -1
+    state: dict[str, int] = {}
+
+    def settled() -> bool:
+        nonlocal last, state
+        state = redis_queue_state(broker_url)
+        count, last = last, entry_count(engine)
+        return state["queued"] == 0 and state["unacked"] == 0 and count == last
+
+    try:
+        wait_until(settled, timeout, "the broker to hold no message", step=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: broker {state}, {last} entries") from None
+    return last
 
 
 def audit_clean(pipe: Pipeline) -> dict[str, Any]:

@@ -179,14 +179,22 @@ class Pipeline:
             proc.stop()
 
 
-@pytest.fixture
-def pipeline(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[Pipeline]:
-    """A fresh PostgreSQL database, a Redis index, and whatever processes the test starts."""
+@contextlib.contextmanager
+def pipeline_on(database_url: str, broker_url: str, tmp: Path) -> Iterator[Pipeline]:
+    """The schema brought to head on ``database_url``, and a process factory on it whose
+    processes are all stopped at the end."""
     from ledger.db import upgrade
 
-    upgrade(postgres_url)
-    pipe = Pipeline(postgres_url, redis_url, tmp_path)
+    upgrade(database_url)
+    pipe = Pipeline(database_url, broker_url, tmp)
     try:
         yield pipe
     finally:
         pipe.stop_all()
+
+
+@pytest.fixture
+def pipeline(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[Pipeline]:
+    """A fresh PostgreSQL database, a Redis index, and whatever processes the test starts."""
+    with pipeline_on(postgres_url, redis_url, tmp_path) as pipe:
+        yield pipe

@@ -51,6 +51,20 @@ def _run(app: Any, name: str, *args: Any, task_id: str = "task-1", **kwargs: Any
     return app.tasks[name].apply(args=list(args), kwargs=kwargs, task_id=task_id)
 
 
+def _spy_on_retries(app: Any, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The keyword arguments of every ``apply_batch.retry`` call, in order."""
+    task = app.tasks[TASK_APPLY_BATCH]
+    asked: list[dict[str, Any]] = []
+    real_retry = task.retry
+
+    def spy_retry(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        return real_retry(*args, **kwargs)
+
+    monkeypatch.setattr(task, "retry", spy_retry)
+    return asked
+
+
 def _dead_letters(url: str) -> list[DeadLetter]:
     engine = make_engine(url)
     try:
@@ -164,15 +178,7 @@ def test_transient_errors_are_retried_then_dead_lettered(app, sqlite_url, monkey
         return real_apply(self, items, raws=raws, sequence=sequence)
 
     monkeypatch.setattr(Ledger, "apply", flaky)
-    task = app.tasks[TASK_APPLY_BATCH]
-    retries_asked: list[dict[str, Any]] = []
-    real_retry = task.retry
-
-    def spy_retry(*args: Any, **kwargs: Any) -> Any:
-        retries_asked.append(kwargs)
-        return real_retry(*args, **kwargs)
-
-    monkeypatch.setattr(task, "retry", spy_retry)
+    retries_asked = _spy_on_retries(app, monkeypatch)
     event = Events("tr").purchase("i-tr")
     # Eagerly, Celery runs each retry at once (a worker would wait for the countdown): the
     # first run and max_retries = 2 retries fail, then the last one gives up and dead-letters.
@@ -185,6 +191,48 @@ def test_transient_errors_are_retried_then_dead_lettered(app, sqlite_url, monkey
     assert letter.code == "processing_error"
     assert letter.error.startswith("gave up after 2 retries: ")
     assert "db gone" in letter.error
+
+
+def test_a_transient_error_before_the_task_starts_is_retried_not_acknowledged(
+    app, sqlite_url, monkeypatch
+) -> None:
+    # A new pool process creates its runtime (and checks the schema) on its first message; the
+    # database dropping the connection there must not fail the message (Celery would ack it).
+    import sqlalchemy.exc
+
+    real_runtime = tasks._runtime
+    failures = [1, 1]
+
+    def flaky(task: Any) -> Any:
+        if failures:
+            failures.pop()
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionError("reset"))
+        return real_runtime(task)
+
+    monkeypatch.setattr(tasks, "_runtime", flaky)
+    retries_asked = _spy_on_retries(app, monkeypatch)
+    event = Events("rt").purchase("i-rt")
+    result = _run(app, TASK_APPLY_BATCH, [event])
+    assert result.successful()
+    assert [r["outcome"] for r in result.get()] == ["applied"]
+    assert [r["max_retries"] for r in retries_asked] == [None, None]
+    assert _entries(sqlite_url) == ["rt-1"] and _dead_letters(sqlite_url) == []
+
+
+def test_a_task_cancelled_by_sigterm_is_not_dead_lettered(app, sqlite_url, monkeypatch) -> None:
+    # Celery cancels a running late-ack task on a lost broker connection with SIGTERM: billiard
+    # raises SystemExit in it, which pydantic wraps in an ordinary exception. The message must be
+    # left to redelivery, not dead-lettered as processing_error.
+    import billiard.common
+
+    def cancelled(self, items, *, raws=None):
+        raise ValueError("Error calling function `iso_utc`: SystemExit: -241")
+
+    monkeypatch.setattr(Ledger, "apply", cancelled)
+    monkeypatch.setattr(billiard.common, "terminate_handler_fired", lambda: True)
+    result = _run(app, TASK_APPLY_BATCH, [Events("ct").purchase("i-ct")])
+    assert not result.successful()
+    assert _entries(sqlite_url) == [] and _dead_letters(sqlite_url) == []
 
 
 def test_backoff_is_exponential_bounded_and_jittered() -> None:
@@ -334,3 +382,23 @@ def test_a_message_over_the_batch_cap_is_one_dead_letter(app, sqlite_url) -> Non
     assert f"more than {MAX_BATCH_SIZE} a message" in letter.error
     assert json.loads(letter.raw) == json.loads(json.dumps(events))  # never dropped
     assert _entries(sqlite_url) == []
+
+
+def test_restore_figures_default_from_the_visibility_timeout_and_bound_recovery() -> None:
+    # The defaults: a scan every min(10, timeout / 5) s, its mutex expiring after one interval.
+    default = Settings()
+    assert (default.unacked_restore_interval, default.unacked_mutex_expire) == (10, 10)
+    assert default.crash_recovery_seconds == default.visibility_timeout + 10
+    short = Settings(visibility_timeout=15)
+    assert (short.unacked_restore_interval, short.unacked_mutex_expire) == (3, 3)
+    options = celery_config(short)["broker_transport_options"]
+    assert options["unacked_restore_interval"] == 3
+    assert options["unacked_mutex_expire"] == 3  # not kombu's 300
+    assert options["unacked_restore_throttle"] == 1
+    chosen = Settings(visibility_timeout=60, unacked_restore_interval=5, unacked_mutex_expire=20)
+    assert celery_config(chosen)["broker_transport_options"]["unacked_mutex_expire"] == 20
+    # A mutex (or interval) longer than the visibility timeout would stretch recovery past it.
+    with pytest.raises(ValueError, match="unacked_mutex_expire"):
+        Settings(visibility_timeout=15, unacked_mutex_expire=300)
+    with pytest.raises(ValueError, match="unacked_restore_interval"):
+        Settings(visibility_timeout=15, unacked_restore_interval=16)

@@ -87,3 +87,14 @@ def queue_depth(url: str, queue: str) -> int | None:
     for key in keys:
         pipe.llen(key)
     return int(sum(pipe.execute()))
+
+
+def broker_backlog(url: str, queue: str) -> dict[str, int] | None:
+    """What the broker still holds for the workers: ``queued`` (waiting in ``queue``) and
+    ``unacked`` (delivered to a worker, not acknowledged yet: kombu's ``unacked`` hash, which
+    also keeps a dead worker's messages until their visibility timeout). Both 0 means every
+    message published so far was either applied or lost. None for a non-Redis broker."""
+    queued = queue_depth(url, queue)
+    if queued is None:
+        return None
+    return {"queued": queued, "unacked": int(_redis_client(url).hlen("unacked"))}

@@ -93,6 +93,9 @@ app.command("serve", help="Serve the HTTP API and the ops page (/ui/).")(serve_c
 app.command("publish", help="Validate JSONL events and enqueue them for workers.")(
     pipeline.publish_command
 )
+app.command(
+    "reconcile", help="Which published events the ledger never saw (after a broker crash)."
+)(pipeline.reconcile_command)
 app.command("worker", help="Run a Celery worker that applies queued events.")(
     pipeline.worker_command
 )

@@ -1,4 +1,5 @@
-"""The CLI commands of the distributed pipeline: ``publish``, ``worker`` and ``beat``.
+"""The CLI commands of the distributed pipeline: ``publish``, ``reconcile``, ``worker`` and
+``beat``.
 
 Plain functions with Typer annotations, registered in ``worker/cli/app.py`` with
 ``app.command(...)(publish_command)``; they share ``worker.cli.options`` with the ledger commands.
@@ -19,7 +20,7 @@ from events.jsonl import Line, batches, read_lines
 from events.publish import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, QUEUE_EVENTS, QUEUE_SWEEP
 from worker.cli.options import UserError, guarded, open_input, progress_bar, runtime
 
-__all__ = ["beat_command", "publish_command", "worker_command"]
+__all__ = ["beat_command", "publish_command", "reconcile_command", "worker_command"]
 
 #: Invalid lines listed by ``publish`` without ``--json``.
 PUBLISH_LISTED = 100
@@ -175,6 +176,95 @@ def _publish_summary(
             style="bold",
         )
     )
+
+
+# --- reconcile -----------------------------------------------------------------------------------
+
+
+def reconcile_command(
+    ctx: typer.Context,
+    file: Annotated[
+        str, typer.Argument(metavar="FILE|-", help="The JSONL file that was published, or -.")
+    ],
+    republish: Annotated[
+        bool,
+        typer.Option("--republish", help="Publish the unaccounted events again (idempotent)."),
+    ] = False,
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,
+) -> None:
+    """The publisher-side check: which valid events of FILE the ledger has neither appended,
+    nor dead-lettered, nor parked. Run it once the broker holds no message (the answer says
+    whether it does): an event still unaccounted for then was lost by the broker (a Redis that
+    crashed with appendfsync everysec), and --republish sends it again. Exit 1 if any is
+    unaccounted."""
+    guarded(_reconcile)(ctx, file, republish, db, as_json)
+
+
+def _reconcile(
+    ctx: typer.Context, file: str, republish: bool, db: str | None, as_json: bool
+) -> None:
+    import kombu.exceptions
+    from sqlmodel import Session
+
+    from events import BaseEvent
+    from events.publish import enqueue_batches
+    from ledger.queries import unaccounted_event_ids
+    from ledger.settings import get_settings
+    from worker import render
+    from worker.api.broker import broker_backlog
+
+    run = runtime(ctx, db, as_json)
+    broker_url = get_settings().broker_url
+    events: dict[str, BaseEvent] = {}
+    with open_input(file) as (stream, _size, label):
+        for line in read_lines(stream, lambda _n: None):
+            if isinstance(line.item, BaseEvent):  # invalid lines were dead-lettered by publish
+                events.setdefault(line.item.event_id, line.item)
+    try:
+        backlog = broker_backlog(broker_url, QUEUE_EVENTS)
+    except Exception as exc:
+        raise UserError(f"broker error ({_mask(broker_url)}): {exc}") from None
+    with run.engine() as engine, Session(engine) as session:
+        missing = unaccounted_event_ids(session, event_ids=list(events))
+    republished = 0
+    if republish and missing:
+        try:
+            republished = enqueue_batches([events[i] for i in missing], broker_url=broker_url)
+        except kombu.exceptions.OperationalError as exc:
+            raise UserError(f"broker error ({_mask(broker_url)}): {exc}") from None
+    settled = backlog is not None and backlog == {"queued": 0, "unacked": 0}
+    report = {
+        "checked": len(events),
+        "unaccounted": missing,
+        "broker": backlog,
+        "settled": settled,
+        "republished": republished,
+    }
+    if run.json:
+        sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
+    else:
+        from rich.text import Text
+
+        out = render.console()
+        for event_id in missing[:PUBLISH_LISTED]:
+            out.print(event_id)
+        state = (
+            "the broker holds no message, so these were lost"
+            if settled
+            else f"the broker still holds messages ({backlog}): run again once it is empty"
+        )
+        out.print(
+            Text(
+                f"Reconciled {label}: {len(events)} event(s), {len(missing)} not applied,"
+                " dead-lettered or parked"
+                + (f" ({state})" if missing else "")
+                + (f"; {republished} republished." if republish else "."),
+                style="bold",
+            )
+        )
+    if missing:
+        raise typer.Exit(1)
 
 
 # --- worker and beat -----------------------------------------------------------------------------
