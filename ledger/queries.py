@@ -12,7 +12,14 @@ from sqlmodel import Session, col
 from ledger.policy import Policy
 from ledger.state import InstanceState, state_from_json
 from ledger.store.parking import list_parked, parked_counts
-from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, ParkedEvent, ServiceNumberRow
+from ledger.tables import (
+    DeadLetter,
+    InstanceRow,
+    LedgerEntry,
+    ParkedEvent,
+    ServiceNumberRow,
+    core_table,
+)
 from ledger.views import (
     dead_letter_view,
     entry_view,
@@ -136,11 +143,7 @@ def unaccounted_event_ids(session: Session, *, event_ids: Sequence[str]) -> list
     seen: set[str] = set()
     for start in range(0, len(wanted), _IDS_PER_QUERY):
         chunk = wanted[start : start + _IDS_PER_QUERY]
-        seen.update(
-            session.execute(
-                select(LedgerEntry.event_id).where(LedgerEntry.event_id.in_(chunk))  # type: ignore[attr-defined]
-            ).scalars()
-        )
-        for column in (DeadLetter.event_id, ParkedEvent.event_id):
-            seen.update(session.execute(select(column).where(column.in_(chunk))).scalars())  # type: ignore[union-attr]
+        for model in (LedgerEntry, DeadLetter, ParkedEvent):
+            column = core_table(model).c.event_id
+            seen.update(session.execute(select(column).where(column.in_(chunk))).scalars())
     return [event_id for event_id in wanted if event_id not in seen]
