@@ -335,7 +335,9 @@ def lock_and_load(
 _SQLITE_TRANSIENT = ("database is locked", "database table is locked", "database is busy")
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps (a driver's ``orig``, ``__cause__``,
+    ``__context__``), each once."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -355,7 +357,7 @@ def is_transient_error(exc: BaseException) -> bool:
     ``OperationalError``), and SQLite's "database is locked". Not transient: integrity errors,
     bad SQL, missing tables, data errors.
     """
-    for cause in _causes(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated:
             return True
         if isinstance(cause, sa_exc.DisconnectionError | sa_exc.TimeoutError | ConnectionError):

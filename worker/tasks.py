@@ -55,7 +55,7 @@ from events import (
 )
 from events.publish import MAX_BATCH_SIZE, TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP
 from ledger.clock import utcnow
-from ledger.db import ensure_schema, is_transient_error, make_engine
+from ledger.db import ensure_schema, exception_chain, is_transient_error, make_engine
 from ledger.policy import Policy, cached_policy
 from ledger.resequencer import SequenceError, Tag, parse_sequence
 from ledger.results import ApplyResult
@@ -428,17 +428,8 @@ def _terminating(exc: BaseException) -> bool:
         fired = False
     else:
         fired = bool(terminate_handler_fired())
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if not isinstance(current, Exception):
-            return True
-        todo += [current.__cause__, current.__context__]
-    return fired
+    stopping = any(not isinstance(cause, Exception) for cause in exception_chain(exc))
+    return stopping or fired
 
 
 def _runtime_or_retry(task: Task) -> _Runtime:
