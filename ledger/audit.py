@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col
 
 from events import event_from_payload
-from ledger.chain import GENESIS_HASH, verify_chain
+from ledger.chain import CHAIN_FIELDS, GENESIS_HASH, verify_chain
 from ledger.clock import utcnow
 from ledger.db import id_in, is_postgres, lock_instances
 from ledger.gc_tuning import fewer_collections
@@ -72,22 +72,9 @@ class RebuildReport:
         }
 
 
+# The instance, then the chain fields and ``hash`` in the order ``verify_chain`` reads them.
 _ENTRY_COLUMNS = tuple(
-    core_table(LedgerEntry).c[name]
-    for name in (
-        "instance_id",
-        "instance_seq",
-        "event_id",
-        "type",
-        "occurred_at",
-        "payload",
-        "outcome",
-        "reasons",
-        "result",
-        "policy_version",
-        "prev_hash",
-        "hash",
-    )
+    core_table(LedgerEntry).c[name] for name in ("instance_id", *CHAIN_FIELDS, "hash")
 )
 
 

@@ -228,8 +228,9 @@ class Ledger:
         gated = sorted({tag.instance_id for tag in tags if tag is not None} | set(gate_checks))
         gates = store.gates(gated) if gated else {}
         steps: list[Step] = []
+        now = store.now() if gate_checks else None  # database time, read once
         for instance_id in gate_checks:
-            now = store.now()
+            assert now is not None
             steps += skip_timed_out(gates[instance_id], now=now, timeout=self.gap_timeout)
         return gates, steps
 
