@@ -513,6 +513,16 @@ def ledger_counts(engine: Engine, prefix: str | None = None) -> dict[str, int]:
     return {"entries": entries, "distinct": distinct, "dead_letters": letters, "numbers": numbers}
 
 
+def ledger_event_ids(engine: Engine, prefix: str) -> set[str]:
+    """The event ids of ``prefix``'s events that the ledger holds."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT event_id FROM ledger_entries WHERE event_id LIKE :like"),
+            {"like": f"{prefix}-%"},
+        )
+        return {row[0] for row in rows}
+
+
 def entry_count(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one())

@@ -1,7 +1,9 @@
 """Broker restarts (fault suite item 3): a private ``redis-server`` (AOF with ``appendfsync
 always``, and again with ``everysec`` as docker-compose runs it; its own port and directory) is SIGKILLed and restarted twice while a publisher is sending and a
 real worker is applying, each time while the worker holds messages it has not acknowledged yet
-(the second time after it reconnected from the first outage). The publisher retries (kombu's
+(the second time after it reconnected from the first outage) and the queue holds at least one
+message nobody has taken (the worker is frozen with SIGSTOP for the moment it takes the
+publisher to queue one). The publisher retries (kombu's
 connect and publish retry policy, 20 s), the worker reconnects and carries on, the messages that
 were in flight at the kill are handed out again once their visibility timeout (15 s here) has
 run out: none is applied twice, and every event whose publish returned is either in the ledger
@@ -11,13 +13,16 @@ reported; with ``everysec`` a SIGKILL of the Redis *process* loses nothing eithe
 acknowledged was written to the AOF before the reply and survives in the kernel's page cache):
 its window of about a second is a crash of the host, which a test cannot cause here, and which
 the same check covers (docs/reliability.md). The third run has no persistence at all: each kill
-loses what Redis held (queued and in-flight messages), and the check must find exactly those
-events, which are then published again and applied once.
+loses what Redis held (at least the queued messages; in-flight ones the worker may still
+finish), and the check must find at least those events, which are then published again and
+applied once.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -25,12 +30,13 @@ import kombu.exceptions
 import pytest
 import redis
 
-from events.publish import close_producer, publish_many
+from events.publish import QUEUE_EVENTS, close_producer, publish_many
 from tests.faults.conftest import (
     audit_clean,
     check_engine,
     entry_count,
     ledger_counts,
+    ledger_event_ids,
     settled_count,
     wait_until,
     workload,
@@ -40,6 +46,15 @@ pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
 MESSAGES = 100
 BATCH = 100  # 20 instances × (purchase + 4 requests) per message
+
+
+def queued(url: str) -> int:
+    """Messages waiting in the events queue, not delivered to any consumer yet."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        return int(client.llen(QUEUE_EVENTS))
+    finally:
+        client.close()
 
 
 def taken_since(url: str, since: float) -> int:
@@ -109,8 +124,20 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
                 step=0.005,
             )
             in_flight = taken_since(redis_server.url, connected_at)
-            before = entry_count(engine)
-            redis_server.kill()
+            # The worker is frozen until the publisher has queued a message it cannot have
+            # taken, so Redis surely holds an undelivered message at the kill (without this,
+            # a worker that keeps up leaves the queue empty and the run proves nothing about
+            # queued messages: with no persistence nothing would be lost, by chance).
+            os.killpg(worker.popen.pid, signal.SIGSTOP)
+            try:
+                sent_at_freeze = sent
+                wait_until(lambda: queued(redis_server.url) > 0, 20, "a queued message", step=0.01)
+                queued_at_kill = queued(redis_server.url)
+                before = entry_count(engine)
+                redis_server.kill()
+                sent_at_kill = sent
+            finally:
+                os.killpg(worker.popen.pid, signal.SIGCONT)
             down = time.monotonic()
             assert not publisher_done.is_set(), "publishing ended before the outage"
             time.sleep(1.0)
@@ -120,6 +147,8 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
                     "messages_sent_before": sent,
                     "entries_before": before,
                     "messages_in_flight": in_flight,
+                    "messages_queued": queued_at_kill,
+                    "messages_published_while_frozen": (sent_at_freeze, sent_at_kill + 1),
                     "seconds_down": round(time.monotonic() - down, 1),
                 }
             )
@@ -136,10 +165,11 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
         reconciled = json.loads(check.stdout)
         assert reconciled["settled"] is True and reconciled["checked"] == len(events)
         unaccounted = reconciled["unaccounted"]
+        in_ledger_after_check = ledger_event_ids(engine, "br")
         if unaccounted:  # lost by the broker: send them again
             again = pipeline.cli("reconcile", str(published), "--republish", "--json")
             assert json.loads(again.stdout)["republished"] == len(unaccounted)
-            wait_until(lambda: entry_count(engine) >= len(events), 60, "the republished events")
+        wait_until(lambda: entry_count(engine) >= len(events), 60, "every event applied")
         counts = ledger_counts(engine, "br")
     finally:
         engine.dispose()
@@ -147,13 +177,32 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
     log = worker.text()
     assert worker.popen.poll() is None, "the worker died with the broker"
     assert "Unrecoverable error" not in log
-    # Applied exactly once, or reported by the check: the two add up to every published event.
-    assert settled + len(unaccounted) == len(events)
+    # Applied, or reported by the check: every event the check did not name was in the ledger
+    # when it answered. (``settled`` is a figure, not an invariant: a message taken in the BRPOP
+    # window below is in no Redis structure, so the broker looks settled while the worker may
+    # still apply it; if the check named it meanwhile, republishing it is a harmless duplicate.)
+    assert {event["event_id"] for event in events} - set(unaccounted) <= in_ledger_after_check
     if redis_server.appendfsync == "off":
-        # Without persistence the kills lost what Redis held: the check must have seen it.
-        assert unaccounted
+        # Without persistence each kill lost at least the messages queued at that moment
+        # (nobody had taken them: the worker was frozen): the check must have found them.
+        assert len(unaccounted) >= sum(o["messages_queued"] for o in outages) * BATCH > 0
     else:
-        assert unaccounted == []
+        # With persistence, what Redis acknowledged survives the kill, with one exception:
+        # a message Redis had just handed to the consumer's BRPOP. Kombu's Redis transport
+        # takes a message in two steps (BRPOP, then HSET into ``unacked``); between them the
+        # message is only in the worker's socket buffer. The frozen worker holds that window
+        # open, so its one pending BRPOP may take a message published while it was frozen,
+        # which the kill then loses: at most one message per outage, and only one of those
+        # (docs/reliability.md, "Loss windows"). The check reports it; nothing else may go.
+        frozen_window = {
+            event["event_id"]
+            for outage in outages
+            for index in range(*outage["messages_published_while_frozen"])
+            if index < len(batches)
+            for event in batches[index]
+        }
+        assert set(unaccounted) <= frozen_window
+        assert len(unaccounted) <= len(outages) * BATCH
     assert counts["entries"] == counts["distinct"] == len(events)
     assert counts["dead_letters"] == 0
     assert counts["numbers"] == len(events) // 5 * 4
@@ -165,6 +214,7 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
         messages=MESSAGES,
         appendfsync=redis_server.appendfsync,
         broker_kills=redis_server.kills,
+        entries_when_broker_settled=settled,
         events_reported_lost_by_reconcile=len(unaccounted),
         outages=outages,
         publisher_retries_exhausted=len(publish_failures),
