@@ -302,6 +302,8 @@ def batched(ctx: Context) -> Result:
     finally:
         ctx.postgres.drop(url)
     ratio = events_per_s / rows_per_s
+    # For the profile scenario's estimate of the Celery share (bench/profile.py).
+    ctx.setup["celery_batched"] = {"concurrency": 2, "events_per_s": events_per_s}
     return Result(
         "celery_batched",
         "batched messages",

@@ -24,16 +24,19 @@ DEFAULT_OUTPUT = Path(__file__).with_name("results.json")
 
 def scenario_names() -> list[str]:
     from bench.celery_scenarios import CELERY_SCENARIOS
+    from bench.profile import PROFILE_SCENARIOS
     from bench.scenarios import SCENARIOS
 
-    return [*SCENARIOS, *CELERY_SCENARIOS]
+    # The profile last: it reads celery_batched's figure of the same run.
+    return [*SCENARIOS, *CELERY_SCENARIOS, *PROFILE_SCENARIOS]
 
 
 def _scenario(name: str) -> Any:
     from bench.celery_scenarios import CELERY_SCENARIOS
+    from bench.profile import PROFILE_SCENARIOS
     from bench.scenarios import SCENARIOS
 
-    return {**SCENARIOS, **CELERY_SCENARIOS}[name]
+    return {**SCENARIOS, **CELERY_SCENARIOS, **PROFILE_SCENARIOS}[name]
 
 
 def _fmt(value: Any) -> str:
@@ -69,6 +72,17 @@ def _headline(result: dict[str, Any]) -> tuple[str, str]:
             f"{f['single_shuffled_events_per_s']:,} ({f['shuffled_ratio']:.2f} of in order)",
             f"not numbered {b['events_per_s']:,} events/s",
         )
+    if name == "profile":
+        return "; ".join(
+            f"{path.split('_')[0]} {f[path]['us_per_event_unprofiled']:,.0f} µs/event: "
+            + ", ".join(
+                f"{stage} {share:.0%}"
+                for stage, share in sorted(
+                    f[path]["share"].items(), key=lambda pair: pair[1], reverse=True
+                )[:4]
+            )
+            for path in ("embedded_sqlite", "batched_postgresql")
+        ), "—"
     if "tasks_per_s" in b:
         return f"{f['events_per_s']:,} events/s", f"{b['tasks_per_s']:,} no-op tasks/s"
     return f"{f['events_per_s']:,} events/s", f"{b['rows_per_s']:,} rows/s"

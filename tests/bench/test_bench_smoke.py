@@ -20,8 +20,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = {
-    "embedded", "query", "rebuild", "sweep", "celery_single", "celery_batched", "resequencer"
+    "embedded",
+    "query",
+    "rebuild",
+    "sweep",
+    "celery_single",
+    "celery_batched",
+    "resequencer",
+    "profile",
 }
+#: Scenarios that inform and have no target to meet.
+INFORMATIONAL = {"resequencer", "profile"}
 
 
 def _bench_databases() -> set[str]:
@@ -39,6 +48,9 @@ def _bench_databases() -> set[str]:
 def _numbers(value: object) -> None:
     if isinstance(value, dict):
         for item in value.values():
+            _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
             _numbers(item)
     elif isinstance(value, bool | str) or value is None:
         return
@@ -67,10 +79,10 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
         assert "error" not in result, (name, result.get("error"))
         assert result["figures"], name
         _numbers(result["figures"] | {"ratio": result["ratio"]})
-        # An informational scenario (the resequencer's cost) has no target to meet.
-        assert isinstance(result["met"], bool) or (name == "resequencer" and result["met"] is None)
+        # An informational scenario (the resequencer's cost, the profile) has no target.
+        assert isinstance(result["met"], bool) or (name in INFORMATIONAL and result["met"] is None)
         assert result["target"]
-        if name in ("query", "rebuild"):
+        if name in ("query", "rebuild", "profile"):
             assert result["baseline"] is None and result["ratio"] is None
         else:
             _numbers({k: v for k, v in result["baseline"].items() if k != "what"})
@@ -78,5 +90,14 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
     # The loaded ledger is real: rebuild finds no drift and no broken chain.
     assert results["rebuild"]["figures"]["drift"] == 0
     assert results["rebuild"]["figures"]["broken"] == 0
+    # The profile ran after celery_batched and so estimated the Celery share; every stage was
+    # timed on both paths (a stage never called would mean a wrapper no longer on the path).
+    profile = results["profile"]["figures"]
+    assert "celery_overhead_us_per_event" in profile
+    for path in ("embedded_sqlite", "batched_postgresql"):
+        called = set(profile[path]["calls"])
+        assert called >= {"parse and validate", "canonical form", "lock and load", "decide"}
+        assert called >= {"hash", "fold", "write", "commit", "idempotency lookup"}
+        assert sum(profile[path]["share"].values()) == pytest.approx(1.0, abs=0.01)
     # Everything it created is gone.
     assert _bench_databases() <= before
