@@ -106,7 +106,9 @@ class LedgerEntry(SQLModel, table=True):
         default=None,
         sa_column=Column("seq", _bigint_pk(), primary_key=True, autoincrement=True),
     )
-    instance_id: str = Field(max_length=128, index=True)
+    # No index of its own: the unique (instance_id, instance_seq) index serves look-ups by
+    # instance (migration 0003 dropped the redundant one).
+    instance_id: str = Field(max_length=128)
     instance_seq: int  # 1, 2, … per instance
     event_id: str = Field(max_length=200)
     type: str = Field(max_length=64)

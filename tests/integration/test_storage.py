@@ -103,7 +103,8 @@ def test_migrations_ship_inside_the_package() -> None:
     assert (migrations / "script.py.mako").is_file()
     assert (migrations / "versions" / "0001_initial.py").is_file()
     assert (migrations / "versions" / "0002_resequencer.py").is_file()
-    assert head_revision() == "0002"
+    assert (migrations / "versions" / "0003_drop_redundant_entry_index.py").is_file()
+    assert head_revision() == "0003"
 
 
 def test_upgrade_is_idempotent(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,7 +225,7 @@ def test_alembic_cli_upgrades_and_reports_no_drift(db_url: str) -> None:
         return done.stdout + done.stderr
 
     alembic("upgrade", "head")
-    assert "0002 (head)" in alembic("current")
+    assert f"{head_revision()} (head)" in alembic("current")
     assert "No new upgrade operations detected" in alembic("check")
 
 
