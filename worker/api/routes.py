@@ -15,7 +15,8 @@ from prometheus_client.exposition import choose_encoder
 from sqlalchemy import text
 from sqlmodel import Session
 
-from events import PRODUCT_TYPES, Event, EventRejection, iso_utc
+from events import Event, EventRejection, iso_utc
+from events.models import ProductType
 from ledger.queries import (
     instance_history,
     iter_instances,
@@ -24,6 +25,7 @@ from ledger.queries import (
     service_number_info,
     show_instance,
 )
+from ledger.rules import EligibilityStatus
 from ledger.service import Ledger
 from worker import metrics
 from worker.api import broker, schemas
@@ -42,11 +44,10 @@ from worker.api.errors import ApiError, ApiJSONResponse, clip, error_body, quote
 from worker.api.ingest import BodyError, UnsupportedMediaType, body_format, parse_body
 from worker.api.ingest_limits import over_event_limit, oversize_rejection
 from worker.api.metrics import INGESTED
-from worker.api.pagination import decode_cursor, encode_cursor
+from worker.api.pagination import MAX_CURSOR_CHARS, decode_cursor, encode_cursor
 
 log = logging.getLogger(__name__)
 
-ELIGIBILITY_STATUSES = ("eligible", "ineligible", "unknown", "not_needed", "not_required")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 ENQUEUE_BATCH = 500
@@ -79,13 +80,51 @@ read = [Depends(require_scope("read"))]
 api = APIRouter(prefix="/v1")
 ops = APIRouter()
 
-AtQuery = Query(
-    None,
-    description="Evaluate eligibility at this instant (ISO 8601 with a timezone); default now.",
-    examples=["2026-09-01T00:00:00Z"],
-)
+# What the OpenAPI document says of an instant in a query: an RFC 3339 date-time, which
+# parse_time_param accepts (it also takes a few ISO 8601 spellings more). The pattern keeps out
+# years 0001 and 9999, where an offset can push the instant out of what a datetime holds in UTC
+# (refused with 422), so that every schema-valid value is answered. The server still checks the
+# value itself, so a bad one gets its own message ("at: …") rather than pydantic's.
+_INSTANT_SCHEMA: dict[str, Any] = {
+    "format": "date-time",
+    "pattern": r"^(000[2-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]"
+    r"|999[0-8])-",
+    "maxLength": 64,
+}
+
+
+# A cursor is an opaque token (worker/api/pagination.py): its alphabet and length are all a
+# pattern can say, and only a next_cursor of the same list is accepted. The "format" names which
+# list's token it is, for clients and fuzzers (tests/api/test_schemathesis.py gives Schemathesis
+# a generator for each), which would otherwise invent strings the server refuses with 422.
+def cursor_format(kind: str) -> str:
+    return f"quota-ledger-{kind}-cursor"
+
+
+def _cursor_query(kind: str) -> Any:
+    return Query(
+        None,
+        description="next_cursor of the previous page of this list, exactly as received.",
+        json_schema_extra={
+            "format": cursor_format(kind),
+            "pattern": "^[A-Za-z0-9_-]+$",
+            "minLength": 1,
+            "maxLength": MAX_CURSOR_CHARS,
+        },
+    )
+
+
+def _instant_query(description: str) -> Any:
+    return Query(
+        None,
+        description=description + " (RFC 3339, e.g. 2026-09-01T00:00:00Z).",
+        examples=["2026-09-01T00:00:00Z"],
+        json_schema_extra=_INSTANT_SCHEMA,
+    )
+
+
+AtQuery = _instant_query("Evaluate eligibility at this instant; default now")
 LimitQuery = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="Page size (1–1000).")
-CursorQuery = Query(None, description="next_cursor of the previous page.")
 
 
 def decode_cursor_error() -> ApiError:
@@ -143,31 +182,19 @@ def get_entries(instance_id: str, session: Session = Depends(db_session)) -> Res
     summary="Instances, filtered and paginated (rows of `instances --json`)",
 )
 def list_instances(
-    eligibility: str | None = Query(
-        None, description="Only this eligibility at `at`: " + ", ".join(ELIGIBILITY_STATUSES)
+    eligibility: EligibilityStatus | None = Query(
+        None, description="Only this eligibility at `at`."
     ),
-    product: str | None = Query(None, description="Only this product type."),
-    expiring_before: str | None = Query(
-        None, description="Only instances whose subscription ends before this instant."
+    product: ProductType | None = Query(None, description="Only this product type."),
+    expiring_before: str | None = _instant_query(
+        "Only instances whose subscription ends before this instant"
     ),
     at: str | None = AtQuery,
     limit: int = LimitQuery,
-    cursor: str | None = CursorQuery,
+    cursor: str | None = _cursor_query("instances"),
     state: ApiState = Depends(api_state),
     session: Session = Depends(db_session),
 ) -> Response:
-    if eligibility is not None and eligibility not in ELIGIBILITY_STATUSES:
-        raise ApiError(
-            422,
-            "invalid_parameter",
-            f"eligibility: {quoted(eligibility)} is not one of {', '.join(ELIGIBILITY_STATUSES)}",
-        )
-    if product is not None and product not in PRODUCT_TYPES:
-        raise ApiError(
-            422,
-            "invalid_parameter",
-            f"product: {quoted(product)} is not one of {', '.join(PRODUCT_TYPES)}",
-        )
     before = parse_time_param(expiring_before, "expiring_before")
     after: str | None = None
     when = parse_time_param(at, "at")
@@ -223,7 +250,7 @@ def get_service_number(number: str, session: Session = Depends(db_session)) -> R
 )
 def list_rejected(
     limit: int = LimitQuery,
-    cursor: str | None = CursorQuery,
+    cursor: str | None = _cursor_query("rejected"),
     session: Session = Depends(db_session),
 ) -> Response:
     after_id: int | None = None
@@ -257,15 +284,31 @@ def list_parked(
 
 # --- ingest --------------------------------------------------------------------------------------
 
+# What the ingest accepts as a whole (worker/api/ingest.py): a JSON array, or a lone object
+# (one event), or JSONL text with a line that is not blank. Whether each element is an event is
+# decided one by one: one that is not is dead-lettered and listed in the 202 answer, never a
+# refusal of the request, so the elements are any JSON value here.
+_JSONL_BODY: dict[str, Any] = {
+    "schema": {"type": "string", "pattern": r"\S", "description": "One event per line"}
+}
 _EVENTS_BODY = {
     "requestBody": {
         "required": True,
-        "description": "Events as a JSON array (application/json) or one per line "
-        "(application/x-ndjson, application/jsonl, text/plain); other or missing types are "
-        "sniffed from the first character. At most 5 MiB; each event at most 64 KiB.",
+        "description": "Events as a JSON array (application/json; a lone object is one event) "
+        "or one per line (application/x-ndjson, application/jsonl, text/plain); other or "
+        "missing types are sniffed from the first character. At most 5 MiB; each event at "
+        "most 64 KiB. An element that is not a valid event (SPEC §5) is dead-lettered and "
+        "listed in the answer's `invalid`.",
         "content": {
-            "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
-            "application/x-ndjson": {"schema": {"type": "string"}},
+            "application/json": {
+                "schema": {
+                    "type": ["array", "object"],
+                    "items": {"description": "An event (SPEC §5)"},
+                }
+            },
+            "application/x-ndjson": _JSONL_BODY,
+            "application/jsonl": _JSONL_BODY,
+            "text/plain": _JSONL_BODY,
         },
     }
 }
@@ -466,7 +509,14 @@ async def readyz(state: ApiState = Depends(api_state)) -> Response:
     "/metrics",
     dependencies=[Depends(metrics_guard)],
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"},
+        401: _ERRORS[401],
+        403: _ERRORS[403],
+    },
+    # The token is optional until one with the metrics scope is configured: an empty
+    # requirement (added to the bearer one FastAPI derives from metrics_guard) says so.
+    openapi_extra={"security": [{}]},
 )
 async def prometheus_metrics(request: Request, state: ApiState = Depends(api_state)) -> Response:
     """Prometheus metrics of this process; the events queue depth is measured on each scrape.

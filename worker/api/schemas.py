@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ledger.rules import EligibilityStatus
+
 IsoTime = Annotated[
     str,
     Field(
@@ -21,7 +23,6 @@ IsoTime = Annotated[
     ),
 ]
 Hash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-EligibilityStatus = Literal["eligible", "ineligible", "unknown", "not_needed", "not_required"]
 InstanceStatus = Literal["active", "expired", "released", "unknown"]
 
 
