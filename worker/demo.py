@@ -37,11 +37,13 @@ from sqlalchemy.engine import Engine
 
 from events import iso_utc
 from ledger.audit import verify
-from ledger.db import ensure_schema, make_engine, session_scope
+from ledger.db import session_scope
 from ledger.policy import Policy
 from ledger.queries import list_instances
-from ledger.service import ApplyResult, Ledger
+from ledger.service import ApplyResult
+from ledger.settings import Settings
 from ledger.tables import DeadLetter, LedgerEntry
+from worker import bootstrap
 from worker.embedded import embedded_pipeline
 
 EVENTS_FILE = "demo.jsonl"
@@ -176,11 +178,11 @@ def run_demo(
             raise DemoError("the demo needs a directory or a database URL")
         database_url = prepare_directory(directory)
 
-    engine = make_engine(database_url)
+    settings = Settings(database_url=database_url)
+    engine = bootstrap.open_engine(settings)
     try:
-        ensure_schema(engine)
         _require_empty(engine)
-        ledger = Ledger(engine, policy)
+        ledger = bootstrap.build_ledger(settings, engine, policy)
         report = DemoReport(directory, database_url, policy.version)
 
         # Steps 1 and 2 go through the real queue: an embedded Redis (fakeredis) and a Celery

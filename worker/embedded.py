@@ -28,6 +28,7 @@ from ledger.results import ApplyResult, entry_service_number, invalid_result
 from ledger.service import Ledger
 from ledger.settings import Settings
 from ledger.tables import DeadLetter, LedgerEntry
+from worker import bootstrap
 
 __all__ = ["EmbeddedPipeline", "embedded_pipeline", "fake_redis_server"]
 
@@ -207,7 +208,8 @@ def embedded_pipeline(
                 # The test worker sends no worker_ready: start the resequencer's clock here.
                 checker.start()
                 try:
-                    yield EmbeddedPipeline(broker_url, engine, Ledger(engine, policy))
+                    ledger = bootstrap.build_ledger(settings, engine, policy)
+                    yield EmbeddedPipeline(broker_url, engine, ledger)
                 finally:
                     checker.stop()
                     checker.join(10)

@@ -24,7 +24,6 @@ from ledger.queries import (
     service_number_info,
     show_instance,
 )
-from ledger.service import Ledger
 from worker import metrics
 from worker.api import broker, schemas
 from worker.api.deps import (
@@ -392,9 +391,8 @@ async def post_events(request: Request, state: ApiState = Depends(api_state)) ->
 
 async def _dead_letter(state: ApiState, rejections: list[Any]) -> None:
     """Store rejections through ``Ledger.apply`` (the path ``apply`` uses) and count them."""
-    ledger = Ledger(state.engine, state.policy)
     await _blocking(state.ensure_schema)
-    results = await _blocking(ledger.apply, rejections)
+    results = await _blocking(state.ledger.apply, rejections)
     for result in results:
         metrics.EVENTS.labels(type="unknown", outcome=result.outcome).inc()
         if result.outcome == "invalid" and result.reasons:

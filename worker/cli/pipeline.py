@@ -18,7 +18,14 @@ import typer
 
 from events.jsonl import Line, batches, read_lines
 from events.publish import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, QUEUE_EVENTS, QUEUE_SWEEP
-from worker.cli.options import UserError, guarded, open_input, progress_bar, runtime
+from worker.cli.options import (
+    UserError,
+    cli_settings,
+    guarded,
+    open_input,
+    progress_bar,
+    runtime,
+)
 
 __all__ = ["beat_command", "publish_command", "reconcile_command", "worker_command"]
 
@@ -80,12 +87,11 @@ def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_
     from events import BaseEvent
     from events.publish import enqueue_batches
     from ledger.service import ApplyResult, Ledger
-    from ledger.settings import get_settings
-    from worker import render
+    from worker import bootstrap, render
 
     # The input reading is apply's (events.jsonl), so both commands treat every line alike.
     run = runtime(ctx, db, as_json)
-    broker_url = get_settings().broker_url
+    broker_url = run.settings.broker_url
     queued = invalid = messages = 0
     listed: list[tuple[int, dict[str, Any]]] = []
     with ExitStack() as stack:
@@ -97,7 +103,7 @@ def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_
             nonlocal ledger
             if ledger is None:
                 engine = stack.enter_context(run.engine())
-                ledger = Ledger(engine, run.policy)
+                ledger = bootstrap.build_ledger(run.settings, engine, run.policy)
             return ledger.apply([line.item for line in lines], raws=[line.raw for line in lines])
 
         show_progress = not run.json and render.is_terminal()
@@ -210,12 +216,11 @@ def _reconcile(
     from events import BaseEvent
     from events.publish import enqueue_batches
     from ledger.queries import unaccounted_event_ids
-    from ledger.settings import get_settings
     from worker import render
     from worker.api.broker import broker_backlog
 
     run = runtime(ctx, db, as_json)
-    broker_url = get_settings().broker_url
+    broker_url = run.settings.broker_url
     events: dict[str, BaseEvent] = {}
     with open_input(file) as (stream, _size, label):
         for line in read_lines(stream, lambda _n: None):
@@ -270,20 +275,6 @@ def _reconcile(
 # --- worker and beat -----------------------------------------------------------------------------
 
 
-def _settings(ctx: typer.Context) -> Any:
-    """The environment's settings with the global ``--db`` / ``--policy`` applied."""
-    from ledger.settings import get_settings
-
-    settings = get_settings()
-    glob = ctx.find_root().obj
-    update: dict[str, Any] = {}
-    if glob is not None and getattr(glob, "db", None):
-        update["database_url"] = glob.db
-    if glob is not None and getattr(glob, "policy", None) is not None:
-        update["policy_file"] = glob.policy
-    return settings.model_copy(update=update) if update else settings
-
-
 def worker_command(
     ctx: typer.Context,
     concurrency: Annotated[
@@ -328,9 +319,7 @@ def _worker(
     loglevel: str,
     db: str | None,
 ) -> None:
-    settings = _settings(ctx)
-    if db:
-        settings = settings.model_copy(update={"database_url": db})
+    settings = cli_settings(ctx, db)
     if settings.metrics_port is not None:
         _serve_metrics(settings.metrics_port)
 
@@ -380,7 +369,7 @@ def beat_command(ctx: typer.Context, loglevel: LogLevelOption = "INFO") -> None:
 def _beat(ctx: typer.Context, loglevel: str) -> None:
     from worker.celery_app import beat_schedule_path, create_app
 
-    settings = _settings(ctx)
+    settings = cli_settings(ctx)
     celery = create_app(settings)
     schedule = beat_schedule_path(settings)
     celery.Beat(loglevel=loglevel, schedule=str(schedule)).run()
