@@ -9,9 +9,10 @@
   (1-based, in the order they were issued). The demo fills the placeholders in from the
   answers the ledger gave for the first file, then applies the second file.
 
-Both files travel the real pipeline: they are published with ``events.publish.publish_many``
-to an embedded Redis (``fakeredis`` over TCP) and applied by a real Celery worker (a thread,
-solo pool, the production tasks) — no Redis or PostgreSQL server is needed. Each answer is read
+Both files travel the real pipeline: they go down the ingest path of ``quota-ledger publish``
+(``worker.ingest``) to an embedded Redis (``fakeredis`` over TCP) and are applied by a real
+Celery worker (a thread, solo pool, the production tasks) — no Redis or PostgreSQL server is
+needed. Each answer is read
 back from the ledger once every event has arrived (``worker.embedded``).
 
 Then the expiry sweep runs at the scenario's fixed clock (:data:`SCENARIO_CLOCK`, in-process:
