@@ -28,6 +28,7 @@ from ledger.policy import Policy, load_policy
 from ledger.queries import show_instance
 from ledger.service import Ledger
 from ledger.settings import get_settings
+from worker.bootstrap import tune_for_batches
 
 Log = Callable[[str], None]
 
@@ -80,6 +81,9 @@ class Context:
         self.postgres = postgres
         self.processes = processes
         self.policy: Policy = load_policy()
+        # The in-process scenarios apply and rebuild as a worker or CLI process does, so this
+        # process gets their tuning (worker.bootstrap), once.
+        tune_for_batches()
         self._redis: RedisDb | None = None
         self._large: Dataset | None = None
         self.setup: dict[str, Any] = {}

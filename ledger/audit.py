@@ -31,7 +31,6 @@ from events import event_from_payload
 from ledger.chain import CHAIN_FIELDS, GENESIS_HASH, verify_chain
 from ledger.clock import utcnow
 from ledger.db import id_in, is_postgres, lock_instances
-from ledger.gc_tuning import fewer_collections
 from ledger.rules import fold
 from ledger.state import InstanceState
 from ledger.store.rows import filing_row_values, instance_row_values, number_row_values
@@ -156,18 +155,17 @@ def verify(engine: Engine, *, progress: Progress | None = None) -> VerifyReport:
     seen: set[str] = set()
 
     def verify_one(instance_ids: list[str]) -> tuple[int, list[str], list[str]]:
-        with fewer_collections():
-            with Session(engine) as session:
-                heads = _heads(session, instance_ids)
-                chains = _chains(session, instance_ids)
-            entries, broken = 0, []
-            for instance_id, rows in chains:
-                head = heads.get(instance_id)
-                expected = (head.entries, head.head_hash) if head else (0, GENESIS_HASH)
-                if head is None or verify_chain(rows, head=expected) is not None:
-                    broken.append(instance_id)
-                entries += len(rows)
-            return entries, broken, [instance_id for instance_id, _ in chains]
+        with Session(engine) as session:
+            heads = _heads(session, instance_ids)
+            chains = _chains(session, instance_ids)
+        entries, broken = 0, []
+        for instance_id, rows in chains:
+            head = heads.get(instance_id)
+            expected = (head.entries, head.head_hash) if head else (0, GENESIS_HASH)
+            if head is None or verify_chain(rows, head=expected) is not None:
+                broken.append(instance_id)
+            entries += len(rows)
+        return entries, broken, [instance_id for instance_id, _ in chains]
 
     for _, (entries, broken, chained) in _each_page(engine, verify_one):
         seen.update(chained)
@@ -233,7 +231,7 @@ def rebuild(
 
     def rebuild_one(instance_ids: list[str]) -> RebuildReport:
         page_report = RebuildReport()
-        with fewer_collections(), Session(engine) as session, session.begin():
+        with Session(engine) as session, session.begin():
             # Lock the page's instances so a concurrent applier cannot move a head between
             # our read of the entries and our write of the projection.
             lock_instances(session, instance_ids)
@@ -262,9 +260,7 @@ _T = TypeVar("_T")
 _PAGES_IN_FLIGHT = 2
 
 
-def _each_page(
-    engine: Engine, work: Callable[[list[str]], _T]
-) -> Iterator[tuple[list[str], _T]]:
+def _each_page(engine: Engine, work: Callable[[list[str]], _T]) -> Iterator[tuple[list[str], _T]]:
     """``(page, work(page))`` for every page of instance ids, in page order."""
     pages = _instance_pages(engine)
     if not is_postgres(engine):

@@ -32,7 +32,6 @@ from events import Event, EventRejection, canonical_payload, parse_event
 from ledger.clock import utcnow
 from ledger.entries import record
 from ledger.gating import plan
-from ledger.gc_tuning import fewer_collections
 from ledger.numbers import new_service_number
 from ledger.policy import Policy
 from ledger.resequencer import Gate, Step, Tag, skip_timed_out
@@ -97,8 +96,7 @@ class Ledger:
             yield from self._apply_raw(batch)
 
     def _apply_raw(self, raws: list[str]) -> list[ApplyResult]:
-        with fewer_collections():
-            parsed: list[Parsed] = [parse_event(raw) for raw in raws]
+        parsed: list[Parsed] = [parse_event(raw) for raw in raws]
         return self.apply(parsed)
 
     def apply(

@@ -5,15 +5,19 @@ acknowledgement with requeue on a lost worker process (at-least-once delivery; t
 idempotent by ``event_id``), one reserved message per process, the same visibility timeout
 everywhere kombu or Celery read it, named queues and explicit task names, no result backend.
 
-``app`` is built from :func:`ledger.settings.get_settings` at import; :func:`create_app` builds
-another one (the embedded demo, tests). Tasks live in ``worker.tasks`` and are bound to every
-app (``shared_task``); each app carries its :class:`~ledger.settings.Settings` so the tasks
-know which database to use.
+Every process builds its app with :func:`create_app` from settings it resolved (``quota-ledger
+worker`` / ``beat`` with ``--db`` / ``--policy`` applied, the embedded demo, tests); importing
+this module reads no environment. Only ``celery -A worker.celery_app …`` needs a module-level
+``app``: it is built from :func:`ledger.settings.get_settings` on first access (see
+:func:`__getattr__`). Tasks live in ``worker.tasks`` and are bound to every app
+(``shared_task``); each app carries its :class:`~ledger.settings.Settings` so the tasks know
+which database to use.
 """
 
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,7 @@ from events.publish import (
 from ledger.policy import Policy
 from ledger.settings import Settings, get_settings
 
-__all__ = ["SWEEP_ENTRY", "LedgerCelery", "app", "celery_config", "create_app"]
+__all__ = ["SWEEP_ENTRY", "LedgerCelery", "celery_config", "create_app"]
 
 #: The beat schedule entry of the expiry sweep.
 SWEEP_ENTRY = "quota-ledger-expiry-sweep"
@@ -164,4 +168,23 @@ def create_app(
     return celery
 
 
-app = create_app()
+def __getattr__(name: str) -> Any:
+    """``worker.celery_app.app``, built from the environment's settings on first access.
+
+    Celery's own CLI (``celery -A worker.celery_app worker``) finds an app by reading the
+    module's ``app`` attribute, so the module must offer one; building it lazily (PEP 562) keeps
+    the import free of side effects: a bad ``QUOTA_LEDGER_*`` variable no longer breaks
+    ``import worker.celery_app`` for processes that build their own app, and the settings are
+    read when Celery asks, not when the module happens to be imported.
+    """
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _app_lock:
+        built = globals().get("app")
+        if built is None:
+            built = create_app()
+            globals()["app"] = built  # later lookups find it without calling __getattr__
+    return built
+
+
+_app_lock = threading.Lock()

@@ -9,9 +9,10 @@
   (1-based, in the order they were issued). The demo fills the placeholders in from the
   answers the ledger gave for the first file, then applies the second file.
 
-Both files travel the real pipeline: they are published with ``events.publish.publish_many``
-to an embedded Redis (``fakeredis`` over TCP) and applied by a real Celery worker (a thread,
-solo pool, the production tasks) — no Redis or PostgreSQL server is needed. Each answer is read
+Both files travel the real pipeline: they go down the ingest path of ``quota-ledger publish``
+(``worker.ingest``) to an embedded Redis (``fakeredis`` over TCP) and are applied by a real
+Celery worker (a thread, solo pool, the production tasks) — no Redis or PostgreSQL server is
+needed. Each answer is read
 back from the ledger once every event has arrived (``worker.embedded``).
 
 Then the expiry sweep runs at the scenario's fixed clock (:data:`SCENARIO_CLOCK`, in-process:
@@ -37,11 +38,13 @@ from sqlalchemy.engine import Engine
 
 from events import iso_utc
 from ledger.audit import verify
-from ledger.db import ensure_schema, make_engine, session_scope
+from ledger.db import session_scope
 from ledger.policy import Policy
 from ledger.queries import list_instances
-from ledger.service import ApplyResult, Ledger
+from ledger.service import ApplyResult
+from ledger.settings import Settings
 from ledger.tables import DeadLetter, LedgerEntry
+from worker import bootstrap
 from worker.embedded import embedded_pipeline
 
 EVENTS_FILE = "demo.jsonl"
@@ -176,11 +179,11 @@ def run_demo(
             raise DemoError("the demo needs a directory or a database URL")
         database_url = prepare_directory(directory)
 
-    engine = make_engine(database_url)
+    settings = Settings(database_url=database_url)
+    engine = bootstrap.open_engine(settings)
     try:
-        ensure_schema(engine)
         _require_empty(engine)
-        ledger = Ledger(engine, policy)
+        ledger = bootstrap.build_ledger(settings, engine, policy)
         report = DemoReport(directory, database_url, policy.version)
 
         # Steps 1 and 2 go through the real queue: an embedded Redis (fakeredis) and a Celery

@@ -3,9 +3,9 @@
 :func:`embedded_pipeline` starts an in-process Redis (``fakeredis.TcpFakeServer``; its Lua
 support runs kombu's scripts) on a free local port and a real Celery worker on it (a thread,
 solo pool, the production ``worker.celery_app`` configuration and ``worker.tasks``), applying
-to the engine it is given. :meth:`EmbeddedPipeline.apply_lines` publishes JSONL lines with
-:func:`events.publish.publish_many` and waits until the worker has put every event in the
-ledger. ``quota-ledger demo`` runs on it; the production worker does not use this module.
+to the engine it is given. :meth:`EmbeddedPipeline.apply_lines` sends JSONL lines down the one
+ingest path (:func:`worker.ingest.ingest`) and waits until the worker has put every event in
+the ledger. ``quota-ledger demo`` runs on it; the production worker does not use this module.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from events import BaseEvent, EventRejection, canonical_payload, parse_event
+from events import EventRejection, canonical_payload, parse_event
 from ledger.policy import Policy
 from ledger.results import ApplyResult, entry_service_number, invalid_result
 from ledger.service import Ledger
 from ledger.settings import Settings
 from ledger.tables import DeadLetter, LedgerEntry
+from worker import bootstrap
+from worker.ingest import enqueue_to, ingest
 
 __all__ = ["EmbeddedPipeline", "embedded_pipeline", "fake_redis_server"]
 
@@ -61,19 +63,17 @@ class EmbeddedPipeline:
     def apply_lines(self, lines: Iterable[str], *, timeout: float = 60.0) -> list[ApplyResult]:
         """``Ledger.apply_lines``, but through the queue: one result per non-blank line.
 
-        Valid lines are published (``publish_many``) and applied by the worker; invalid ones
-        are dead-lettered here, as ``quota-ledger publish`` does. The answers are then read
-        back from the ledger: the entry of each event, ``duplicate`` for a repeated event id
-        with the same content, the ``event_id_reused`` dead letter for one with other content.
+        The lines go the way ``quota-ledger publish`` sends them (``worker.ingest``): the valid
+        ones are enqueued and applied by the worker, the invalid ones dead-lettered here. The
+        answers are then read back from the ledger: the entry of each event, ``duplicate`` for
+        a repeated event id with the same content, the ``event_id_reused`` dead letter for one
+        with other content.
         """
-        from events.publish import publish_many
-
         parsed = [parse_event(line) for line in lines if line.strip()]
-        invalid = [item for item in parsed if isinstance(item, EventRejection)]
-        events = [item for item in parsed if isinstance(item, BaseEvent)]
-        refused = iter(self.ledger.apply(invalid)) if invalid else iter(())
+        done = ingest(parsed, enqueue=enqueue_to(self.broker_url), dead_letter=self.ledger.apply)
+        events = done.queued
+        refused = iter(answer for answer in done.answers if answer.outcome == "invalid")
         if events:
-            publish_many(events, broker_url=self.broker_url)
             self.wait_for_events([event.event_id for event in events], timeout=timeout)
         known = self._entries([event.event_id for event in events])
         letters = self._dead_letters([event.event_id for event in events])
@@ -207,7 +207,8 @@ def embedded_pipeline(
                 # The test worker sends no worker_ready: start the resequencer's clock here.
                 checker.start()
                 try:
-                    yield EmbeddedPipeline(broker_url, engine, Ledger(engine, policy))
+                    ledger = bootstrap.build_ledger(settings, engine, policy)
+                    yield EmbeddedPipeline(broker_url, engine, ledger)
                 finally:
                     checker.stop()
                     checker.join(10)

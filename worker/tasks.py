@@ -55,13 +55,14 @@ from events import (
 )
 from events.publish import MAX_BATCH_SIZE, TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP
 from ledger.clock import utcnow
-from ledger.db import ensure_schema, exception_chain, is_transient_error, make_engine
-from ledger.policy import Policy, cached_policy
+from ledger.db import ensure_schema, exception_chain, is_transient_error
+from ledger.policy import Policy
 from ledger.resequencer import SequenceError, Tag, parse_sequence
 from ledger.results import ApplyResult
 from ledger.service import Ledger
 from ledger.settings import Settings, get_settings
 from ledger.store import sweep_lock
+from worker import bootstrap
 from worker.deliveries import DeliveryCounter, delivery_counter
 from worker.metrics import (
     record_apply,
@@ -120,7 +121,8 @@ def _runtime(task: Task) -> _Runtime:
 
 
 def runtime_for(app: Any) -> _Runtime:
-    """This process's engine, ledger and delivery counter for ``app`` (created on first use)."""
+    """This process's engine, ledger and delivery counter for ``app`` (created on first use,
+    from the app's settings through ``worker.bootstrap``)."""
     settings = _settings_of(app)
     policy: Policy | None = getattr(app, "ledger_policy", None)
     given: Engine | None = getattr(app, "ledger_engine", None)
@@ -129,18 +131,20 @@ def runtime_for(app: Any) -> _Runtime:
     with _runtimes_lock:
         runtime = _runtimes.get(key)
         if runtime is None:
-            if policy is None:
-                policy_file = settings.policy_file
-                policy = cached_policy(str(policy_file) if policy_file is not None else None)
-            engine = given if given is not None else make_engine(settings.database_url)
-            ensure_schema(engine)  # one cheap query when `db upgrade` already ran
+            # A worker process applies batches for the rest of its life: tune it once, here,
+            # where every pool process (and the main process's gap check) starts.
+            bootstrap.tune_for_batches()
+            policy = policy if policy is not None else bootstrap.policy_of(settings)
+            if given is not None:
+                ensure_schema(given)  # one cheap query when `db upgrade` already ran
+            engine = given if given is not None else bootstrap.open_engine(settings)
             runtime = _Runtime(
                 settings,
                 engine,
-                Ledger(
+                bootstrap.build_ledger(
+                    settings,
                     engine,
                     policy,
-                    **settings.resequencer_options(),
                     on_released=record_released,
                     on_gaps_skipped=record_gaps_skipped,
                 ),

@@ -26,7 +26,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from ledger.db import advisory_key, id_in, is_postgres, is_transient_error, lock_and_load
-from ledger.gc_tuning import fewer_collections
 from ledger.resequencer import Gate, Release
 from ledger.results import Prior
 from ledger.state import InstanceState, state_from_json
@@ -198,7 +197,7 @@ class SqlStore:
 @contextmanager
 def transaction(engine: Engine) -> Iterator[SqlStore]:
     """One transaction (committed on success, rolled back on error) and its store."""
-    with fewer_collections(), Session(engine) as session, session.begin():
+    with Session(engine) as session, session.begin():
         yield SqlStore(session)
 
 

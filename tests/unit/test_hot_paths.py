@@ -168,32 +168,20 @@ def test_printable_ids_need_only_the_space_check() -> None:
     assert odd == []
 
 
-def test_fewer_collections_nests_and_restores_the_thresholds() -> None:
+def test_batch_tuning_raises_the_threshold_once_and_leaves_an_off_collector_off() -> None:
     import gc
-    import threading
 
-    from ledger.gc_tuning import BATCH_THRESHOLD, fewer_collections
+    from worker.bootstrap import BATCH_THRESHOLD, tune_for_batches
 
     before = gc.get_threshold()
-    with fewer_collections():
-        assert gc.get_threshold()[0] == max(before[0], BATCH_THRESHOLD)
-        with fewer_collections():
-            assert gc.get_threshold()[0] == max(before[0], BATCH_THRESHOLD)
-        assert gc.get_threshold()[0] == max(before[0], BATCH_THRESHOLD)
-    assert gc.get_threshold() == before
-    with pytest.raises(RuntimeError), fewer_collections():
-        raise RuntimeError("a failed batch restores them too")
-    assert gc.get_threshold() == before
-
-    barrier = threading.Barrier(4)
-
-    def work() -> None:
-        with fewer_collections():
-            barrier.wait()
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert gc.get_threshold() == before
+    try:
+        gc.set_threshold(700, *before[1:])
+        tune_for_batches()
+        assert gc.get_threshold() == (BATCH_THRESHOLD, *before[1:])
+        tune_for_batches()  # idempotent: the workers' runtimes and CLI commands call it freely
+        assert gc.get_threshold() == (BATCH_THRESHOLD, *before[1:])
+        gc.set_threshold(0, *before[1:])  # a process that turned the collector off keeps it off
+        tune_for_batches()
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)

@@ -5,6 +5,9 @@ Celery configuration itself."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -336,6 +339,29 @@ def test_celery_configuration() -> None:
 
     assert {TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP} <= set(celery.tasks)
     assert celery.conf.accept_content == ["json"]
+
+
+def test_importing_the_celery_module_reads_no_environment_but_celery_a_finds_an_app() -> None:
+    # A fresh interpreter: this one may have built ``worker.celery_app.app`` already.
+    script = """
+import pydantic
+import worker.celery_app as module
+assert "app" not in vars(module), "built at import"
+try:
+    module.app
+except pydantic.ValidationError:
+    pass
+else:
+    raise AssertionError("the bad variable was not read on first access")
+"""
+    env = {**os.environ, "QUOTA_LEDGER_VISIBILITY_TIMEOUT": "not-a-number"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
+    # What ``celery -A worker.celery_app`` does to find the app.
+    from celery.app.utils import find_app
+
+    found = find_app("worker.celery_app")
+    assert found is find_app("worker.celery_app")
+    assert {TASK_APPLY_BATCH, TASK_SWEEP} <= set(found.conf.task_routes)
 
 
 def test_publisher_and_worker_share_the_visibility_timeout_default() -> None:

@@ -16,9 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
-from ledger.db import make_engine
-from ledger.policy import load_policy
 from ledger.settings import Settings, get_settings
+from worker import bootstrap
 from worker.api import routes, ui
 from worker.api.auth import Authenticator, parse_tokens
 from worker.api.broker import close_clients, events_queue_name
@@ -72,13 +71,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     tokens = parse_tokens(_secret_text(settings.api_tokens))
-    policy = load_policy(settings.policy_file)
-    engine = make_engine(settings.database_url)
+    policy = bootstrap.policy_of(settings)
+    # The schema is brought to head in the lifespan (or on first use), not here. No process
+    # tuning either (bootstrap.tune_for_batches): request threads keep the default collector.
+    engine = bootstrap.open_engine(settings, schema=False)
     state = ApiState(
         settings=settings,
         auth=Authenticator(tokens),
         policy=policy,
         engine=engine,
+        ledger=bootstrap.build_ledger(settings, engine, policy),
         queue=events_queue_name(),
         sessions=SessionStore(settings.ui_session_lifetime),
         login_limiter=RateLimiter(settings.ui_login_attempts_per_minute, 60.0),

@@ -15,6 +15,7 @@ from sqlmodel import Session
 
 from events import parse_iso_utc
 from ledger.policy import Policy
+from ledger.service import Ledger
 from ledger.settings import Settings
 from worker.api.auth import Authenticator
 from worker.api.errors import ApiError
@@ -34,6 +35,8 @@ class ApiState:
     auth: Authenticator
     policy: Policy
     engine: Engine
+    # Built once by worker.bootstrap: ingest dead-letters through it (Ledger.apply).
+    ledger: Ledger
     queue: str
     sessions: SessionStore
     login_limiter: RateLimiter

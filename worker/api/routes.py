@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -25,8 +26,8 @@ from ledger.queries import (
     service_number_info,
     show_instance,
 )
+from ledger.results import ApplyResult
 from ledger.rules import EligibilityStatus
-from ledger.service import Ledger
 from worker import metrics
 from worker.api import broker, schemas
 from worker.api.deps import (
@@ -45,6 +46,7 @@ from worker.api.ingest import BodyError, UnsupportedMediaType, body_format, pars
 from worker.api.ingest_limits import over_event_limit, oversize_rejection
 from worker.api.metrics import INGESTED
 from worker.api.pagination import MAX_CURSOR_CHARS, decode_cursor, encode_cursor
+from worker.ingest import BrokerUnavailable, enqueue_to, ingest
 
 log = logging.getLogger(__name__)
 
@@ -384,40 +386,22 @@ async def post_events(request: Request, state: ApiState = Depends(api_state)) ->
     except BodyError as exc:
         raise ApiError(400, exc.code, str(exc)) from None
 
-    events: list[Event] = [
-        item.parsed for item in items if not isinstance(item.parsed, EventRejection)
-    ]
+    def enqueue(events: Sequence[Event]) -> None:
+        # Called by ingest in its worker thread: the broker checks run on the event loop,
+        # where a broker that stops answering can be given up on after ENQUEUE_TIMEOUT_S.
+        anyio.from_thread.run(_enqueue, state, events)
+
+    try:
+        done = await _blocking(
+            ingest,
+            [item.parsed for item in items],
+            enqueue=enqueue,
+            dead_letter=partial(_store_rejections, state),
+        )
+    except BrokerUnavailable:
+        return _broker_unavailable()
+
     rejected = [item for item in items if isinstance(item.parsed, EventRejection)]
-
-    # Enqueue first: if the broker is down nothing is recorded and the client retries the
-    # whole body; a retry after a partial success only enqueues duplicates, which the ledger
-    # answers idempotently, whereas dead letters have no idempotency key.
-    if events:
-        # A quick PING first: an unreachable broker is a 503 in about 2 s, instead of after the
-        # publisher's whole retry policy.
-        problem = await _run_check(broker.check_broker, state.settings.broker_url)
-        if problem != "ok":
-            log.warning("broker unreachable, events not enqueued: %s", problem)
-            return _broker_unavailable()
-        try:
-            from events.publish import enqueue_batches
-
-            await _blocking(
-                enqueue_batches,
-                events,
-                batch_size=ENQUEUE_BATCH,
-                broker_url=state.settings.broker_url,
-                timeout=ENQUEUE_TIMEOUT_S,
-            )
-        except Exception as exc:
-            log.warning("enqueue failed: %s", _first_line(exc), exc_info=exc)
-            return _broker_unavailable()
-        for event in events:
-            INGESTED.labels(type=event.type).inc()
-
-    if rejected:
-        await _dead_letter(state, [item.parsed for item in rejected])
-
     invalid = [
         {
             "index": item.index,
@@ -429,19 +413,43 @@ async def post_events(request: Request, state: ApiState = Depends(api_state)) ->
         if isinstance(item.parsed, EventRejection)
     ]
     return ApiJSONResponse(
-        {"accepted": len(events), "invalid": invalid, "invalid_count": len(rejected)}, 202
+        {"accepted": len(done.queued), "invalid": invalid, "invalid_count": len(rejected)}, 202
     )
 
 
-async def _dead_letter(state: ApiState, rejections: list[Any]) -> None:
+async def _enqueue(state: ApiState, events: Sequence[Event]) -> None:
+    """The HTTP ingest's enqueue step (``worker.ingest``): a quick PING first, so that an
+    unreachable broker is a 503 in about 2 s instead of after the publisher's whole retry
+    policy; then the publisher's sequenced enqueue, given up on after ENQUEUE_TIMEOUT_S."""
+    url = state.settings.broker_url
+    problem = await _run_check(broker.check_broker, url)
+    if problem != "ok":
+        log.warning("broker unreachable, events not enqueued: %s", problem)
+        raise BrokerUnavailable(problem)
+    try:
+        await _blocking(
+            enqueue_to(url, batch_size=ENQUEUE_BATCH), events, timeout=ENQUEUE_TIMEOUT_S
+        )
+    except Exception as exc:
+        log.warning("enqueue failed: %s", _first_line(exc), exc_info=exc)
+        raise BrokerUnavailable(_first_line(exc)) from exc
+    for event in events:
+        INGESTED.labels(type=event.type).inc()
+
+
+def _store_rejections(state: ApiState, rejections: Sequence[EventRejection]) -> list[ApplyResult]:
     """Store rejections through ``Ledger.apply`` (the path ``apply`` uses) and count them."""
-    ledger = Ledger(state.engine, state.policy)
-    await _blocking(state.ensure_schema)
-    results = await _blocking(ledger.apply, rejections)
+    state.ensure_schema()
+    results = state.ledger.apply(rejections)
     for result in results:
         metrics.EVENTS.labels(type="unknown", outcome=result.outcome).inc()
         if result.outcome == "invalid" and result.reasons:
             metrics.DEAD_LETTERS.labels(code=result.reasons[0]).inc()
+    return results
+
+
+async def _dead_letter(state: ApiState, rejections: list[EventRejection]) -> None:
+    await _blocking(_store_rejections, state, rejections)
 
 
 # --- operations ----------------------------------------------------------------------------------

@@ -14,9 +14,7 @@ import typer
 
 from events import iso_utc
 from events.jsonl import batches, read_lines
-from ledger.policy import load_policy
-from ledger.settings import get_settings
-from worker import render
+from worker import bootstrap, render
 from worker.cli.options import (
     APPLY_BATCH,
     APPLY_LISTED,
@@ -28,6 +26,7 @@ from worker.cli.options import (
     JsonOption,
     ProductChoice,
     UserError,
+    cli_settings,
     count_entries,
     guarded,
     mask_url,
@@ -68,8 +67,6 @@ def apply(
     as_json: JsonOption = False,
 ) -> None:
     """Apply JSONL events in-process (no broker); exit 1 if any line was invalid."""
-    from ledger.service import Ledger
-
     run = runtime(ctx, db, as_json)
     policy = run.policy  # a broken policy file fails before any input is read
     counts: Counter[str] = Counter()
@@ -78,7 +75,7 @@ def apply(
     # The numbers issued, for the operator who must hand them to the filing (first ones only).
     issued: list[tuple[int, str, str]] = []
     with open_input(file) as (stream, size, label), run.engine() as engine:
-        ledger = Ledger(engine, policy)
+        ledger = bootstrap.build_ledger(run.settings, engine, policy)
         show_progress = (
             not run.json and render.is_terminal() and (size is None or size >= PROGRESS_MIN_BYTES)
         )
@@ -306,13 +303,12 @@ def sweep(
     as_json: JsonOption = False,
 ) -> None:
     """Run the expiry sweep once: expire subscriptions whose end is at or before T."""
-    from ledger.service import Ledger
-
     when = parse_time(now, "--now") or now_utc()
     run = runtime(ctx, db, as_json)
     policy = run.policy
     with run.engine() as engine:
-        expired = Ledger(engine, policy).sweep(now=when, chunk_size=get_settings().sweep_chunk_size)
+        ledger = bootstrap.build_ledger(run.settings, engine, policy)
+        expired = ledger.sweep(now=when, chunk_size=run.settings.sweep_chunk_size)
     report = {"as_of": iso_utc(when), "expired": expired}
     if run.json:
         print_json(report)
@@ -399,7 +395,7 @@ def demo(
     glob = ctx.find_root().obj or GlobalOptions()
     as_json = as_json or glob.json
     url = db or glob.db  # only an explicit --db: the configured database is left alone
-    policy = load_policy(glob.policy if glob.policy is not None else get_settings().policy_file)
+    policy = bootstrap.policy_of(cli_settings(ctx))
     if url is None and directory is None:
         directory = Path(tempfile.mkdtemp(prefix="quota-ledger-demo-"))
     try:

@@ -23,10 +23,10 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine, make_url
 
 from events import PRODUCT_TYPES, parse_iso_utc
-from ledger.policy import Policy, PolicyError, load_policy
+from ledger.policy import Policy, PolicyError
 from ledger.rules import ELIGIBILITY_STATUSES
-from ledger.settings import get_settings
-from worker import render
+from ledger.settings import Settings, get_settings
+from worker import bootstrap, render
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -146,15 +146,20 @@ def guarded(func_: Callable[P, R]) -> Callable[P, R]:
 
 @dataclass
 class Runtime:
-    """The resolved configuration of one command run."""
+    """The resolved configuration of one command run: the settings (with ``--db`` and
+    ``--policy`` applied) and whether to print JSON. Engine, policy and ledger come from
+    ``worker.bootstrap``, like every other process's."""
 
-    url: str
+    settings: Settings
     json: bool
-    policy_file: Path | None
+
+    @property
+    def url(self) -> str:
+        return self.settings.database_url
 
     @functools.cached_property
     def policy(self) -> Policy:
-        return load_policy(self.policy_file)
+        return bootstrap.policy_of(self.settings)
 
     @property
     def safe_url(self) -> str:
@@ -163,15 +168,14 @@ class Runtime:
     @contextmanager
     def engine(self, *, ensure: bool = True) -> Iterator[Engine]:
         """An engine on the database, its schema brought to head first (a fresh file works)."""
-        from ledger.db import ensure_schema, make_engine
-
+        # A CLI command that opens the database works in batches (apply, rebuild, verify,
+        # sweep, publish's dead letters) and is the whole process: tune it for that.
+        bootstrap.tune_for_batches()
         try:
-            engine = make_engine(self.url)
+            engine = bootstrap.open_engine(self.settings, schema=ensure)
         except (ValueError, sqlalchemy.exc.ArgumentError) as exc:
             raise UserError(str(exc)) from None
         try:
-            if ensure:
-                ensure_schema(engine)
             yield engine
         finally:
             engine.dispose()
@@ -184,14 +188,22 @@ def mask_url(url: str) -> str:
         return "<unparsable database URL>"
 
 
-def runtime(ctx: typer.Context, db: str | None, as_json: bool) -> Runtime:
+def cli_settings(ctx: typer.Context, db: str | None = None) -> Settings:
+    """The environment's settings with the command's ``--db`` (else the global one) and the
+    global ``--policy`` applied: resolved here only, for every command."""
     glob = ctx.find_root().obj or GlobalOptions()
     settings = get_settings()
-    return Runtime(
-        url=db or glob.db or settings.database_url,
-        json=as_json or glob.json,
-        policy_file=glob.policy if glob.policy is not None else settings.policy_file,
-    )
+    update: dict[str, Any] = {}
+    if db or glob.db:
+        update["database_url"] = db or glob.db
+    if glob.policy is not None:
+        update["policy_file"] = glob.policy
+    return settings.model_copy(update=update) if update else settings
+
+
+def runtime(ctx: typer.Context, db: str | None, as_json: bool) -> Runtime:
+    glob = ctx.find_root().obj or GlobalOptions()
+    return Runtime(cli_settings(ctx, db), json=as_json or glob.json)
 
 
 def parse_time(value: str | None, option: str) -> datetime | None:

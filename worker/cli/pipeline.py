@@ -16,9 +16,16 @@ from typing import Annotated, Any
 
 import typer
 
-from events.jsonl import Line, batches, read_lines
+from events.jsonl import batches, read_lines
 from events.publish import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, QUEUE_EVENTS, QUEUE_SWEEP
-from worker.cli.options import UserError, guarded, open_input, progress_bar, runtime
+from worker.cli.options import (
+    UserError,
+    cli_settings,
+    guarded,
+    open_input,
+    progress_bar,
+    runtime,
+)
 
 __all__ = ["beat_command", "publish_command", "reconcile_command", "worker_command"]
 
@@ -75,58 +82,53 @@ def publish_command(
 
 
 def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_json: bool) -> None:
-    import kombu.exceptions
-
-    from events import BaseEvent
-    from events.publish import enqueue_batches
-    from ledger.service import ApplyResult, Ledger
-    from ledger.settings import get_settings
-    from worker import render
+    from events import EventRejection
+    from ledger.results import ApplyResult
+    from ledger.service import Ledger
+    from worker import bootstrap, render
+    from worker.ingest import BrokerUnavailable, enqueue_to, ingest
 
     # The input reading is apply's (events.jsonl), so both commands treat every line alike.
     run = runtime(ctx, db, as_json)
-    broker_url = get_settings().broker_url
+    broker_url = run.settings.broker_url
+    enqueue = enqueue_to(broker_url, batch_size=batch_size)
     queued = invalid = messages = 0
     listed: list[tuple[int, dict[str, Any]]] = []
     with ExitStack() as stack:
         stream, size, label = stack.enter_context(open_input(file))
         ledger: Ledger | None = None
 
-        def dead_letter(lines: list[Line]) -> list[ApplyResult]:
+        def dead_letter(rejections: list[EventRejection]) -> list[ApplyResult]:
             # The database is opened only when a line is invalid: a clean file needs none.
             nonlocal ledger
             if ledger is None:
                 engine = stack.enter_context(run.engine())
-                ledger = Ledger(engine, run.policy)
-            return ledger.apply([line.item for line in lines], raws=[line.raw for line in lines])
+                ledger = bootstrap.build_ledger(run.settings, engine, run.policy)
+            return ledger.apply(rejections)
 
         show_progress = not run.json and render.is_terminal()
         bar = stack.enter_context(
             progress_bar(show_progress, size, f"publishing {label}", in_bytes=True)
         )
         for chunk in batches(read_lines(stream, bar), batch_size):
-            good = [line for line in chunk if isinstance(line.item, BaseEvent)]
-            bad = [line for line in chunk if not isinstance(line.item, BaseEvent)]
-            if good:
-                try:
-                    enqueue_batches(
-                        [line.item for line in good], batch_size=batch_size, broker_url=broker_url
-                    )
-                except kombu.exceptions.OperationalError as exc:
-                    raise UserError(f"broker error ({_mask(broker_url)}): {exc}") from None
+            try:
+                done = ingest(
+                    [line.item for line in chunk], enqueue=enqueue, dead_letter=dead_letter
+                )
+            except BrokerUnavailable as exc:
+                raise UserError(f"broker error ({_mask(broker_url)}): {exc}") from None
+            if done.queued:  # a chunk is at most batch_size lines: one message
                 messages += 1
-                queued += len(good)
-            answers: dict[int, dict[str, Any]] = {
-                line.number: ApplyResult(line.item.event_id, "queued").to_json() for line in good
-            }
-            for line, result in zip(bad, dead_letter(bad) if bad else [], strict=True):
-                answers[line.number] = result.to_json()
-                invalid += 1
-                if len(listed) < PUBLISH_LISTED:
-                    listed.append((line.number, answers[line.number]))
+                queued += len(done.queued)
+            for line, answer in zip(chunk, done.answers, strict=True):
+                data = answer.to_json()
+                if answer.outcome == "invalid":
+                    invalid += 1
+                    if len(listed) < PUBLISH_LISTED:
+                        listed.append((line.number, data))
+                if run.json:
+                    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
             if run.json:
-                for line in chunk:
-                    sys.stdout.write(json.dumps(answers[line.number], ensure_ascii=False) + "\n")
                 sys.stdout.flush()
     if not run.json:
         _publish_summary(label, queued, messages, invalid, listed, run.safe_url)
@@ -210,12 +212,11 @@ def _reconcile(
     from events import BaseEvent
     from events.publish import enqueue_batches
     from ledger.queries import unaccounted_event_ids
-    from ledger.settings import get_settings
     from worker import render
     from worker.api.broker import broker_backlog
 
     run = runtime(ctx, db, as_json)
-    broker_url = get_settings().broker_url
+    broker_url = run.settings.broker_url
     events: dict[str, BaseEvent] = {}
     with open_input(file) as (stream, _size, label):
         for line in read_lines(stream, lambda _n: None):
@@ -270,20 +271,6 @@ def _reconcile(
 # --- worker and beat -----------------------------------------------------------------------------
 
 
-def _settings(ctx: typer.Context) -> Any:
-    """The environment's settings with the global ``--db`` / ``--policy`` applied."""
-    from ledger.settings import get_settings
-
-    settings = get_settings()
-    glob = ctx.find_root().obj
-    update: dict[str, Any] = {}
-    if glob is not None and getattr(glob, "db", None):
-        update["database_url"] = glob.db
-    if glob is not None and getattr(glob, "policy", None) is not None:
-        update["policy_file"] = glob.policy
-    return settings.model_copy(update=update) if update else settings
-
-
 def worker_command(
     ctx: typer.Context,
     concurrency: Annotated[
@@ -328,9 +315,7 @@ def _worker(
     loglevel: str,
     db: str | None,
 ) -> None:
-    settings = _settings(ctx)
-    if db:
-        settings = settings.model_copy(update={"database_url": db})
+    settings = cli_settings(ctx, db)
     if settings.metrics_port is not None:
         _serve_metrics(settings.metrics_port)
 
@@ -380,7 +365,7 @@ def beat_command(ctx: typer.Context, loglevel: LogLevelOption = "INFO") -> None:
 def _beat(ctx: typer.Context, loglevel: str) -> None:
     from worker.celery_app import beat_schedule_path, create_app
 
-    settings = _settings(ctx)
+    settings = cli_settings(ctx)
     celery = create_app(settings)
     schedule = beat_schedule_path(settings)
     celery.Beat(loglevel=loglevel, schedule=str(schedule)).run()
