@@ -46,6 +46,9 @@ pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
 MESSAGES = 100
 BATCH = 100  # 20 instances × (purchase + 4 requests) per message
+# How long before a kill Redis with ``appendfsync everysec`` may have acknowledged writes it had
+# not yet written: up to 2 s of postponement behind a slow fsync, one flush second, a margin.
+POSTPONED_S = 4.0
 
 
 def queued(url: str) -> int:
@@ -79,6 +82,7 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
     batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
     engine = check_engine(pipeline.database_url)
     sent = 0
+    published_at: list[float] = []  # when each message's publish returned (monotonic)
     publish_failures: list[str] = []
     publisher_done = threading.Event()
 
@@ -94,6 +98,7 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
                         publish_failures.append(str(exc))
                         if len(publish_failures) > 5:
                             raise
+                published_at.append(time.monotonic())
                 sent += 1
                 time.sleep(0.15)
         finally:
@@ -135,6 +140,7 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
                 queued_at_kill = queued(redis_server.url)
                 before = entry_count(engine)
                 redis_server.kill()
+                killed_at = time.monotonic()
                 sent_at_kill = sent
             finally:
                 os.killpg(worker.popen.pid, signal.SIGCONT)
@@ -149,6 +155,7 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
                     "messages_in_flight": in_flight,
                     "messages_queued": queued_at_kill,
                     "messages_published_while_frozen": (sent_at_freeze, sent_at_kill + 1),
+                    "killed_at": killed_at,
                     "seconds_down": round(time.monotonic() - down, 1),
                 }
             )
@@ -187,22 +194,29 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
         # (nobody had taken them: the worker was frozen): the check must have found them.
         assert len(unaccounted) >= sum(o["messages_queued"] for o in outages) * BATCH > 0
     else:
-        # With persistence, what Redis acknowledged survives the kill, with one exception:
-        # a message Redis had just handed to the consumer's BRPOP. Kombu's Redis transport
-        # takes a message in two steps (BRPOP, then HSET into ``unacked``); between them the
-        # message is only in the worker's socket buffer. Freezing the worker holds that window
-        # open: the BRPOP answered just before the freeze, or the pending one answered by the
-        # first message queued during it, is lost with the kill (docs/reliability.md, "Loss
-        # windows"). So: whole messages only, at most one per outage, each published before
-        # its kill. The check reports them; nothing else may go.
+        # With persistence, what Redis acknowledged survives the kill, with two exceptions
+        # (docs/reliability.md, "Loss windows"):
+        # - a message Redis had just handed to the consumer's BRPOP. Kombu's Redis transport
+        #   takes a message in two steps (BRPOP, then HSET into ``unacked``); between them it is
+        #   only in the worker's socket buffer. Freezing the worker holds that window open: the
+        #   BRPOP answered just before the freeze, or the pending one answered by the first
+        #   message queued during it, is lost with the kill. At most one message per outage.
+        # - with ``everysec`` only: while a background fsync is slow, Redis postpones writing
+        #   its AOF buffer for up to 2 s and still answers; a kill then loses those writes.
+        #   So publishes acknowledged in the last ~2 s (plus the once-a-second flush) may go.
+        # Whole messages only, each published before its kill. The check reports them.
         lost = {index for index, batch in enumerate(batches) if batch[0]["event_id"] in unaccounted}
         assert set(unaccounted) == {e["event_id"] for i in lost for e in batches[i]}
-        # Outage k can only have lost a message published after outage k - 1's kill and
-        # before its own: at most one in each such stretch, none after the last kill.
         kills = [o["messages_published_while_frozen"][1] for o in outages]
-        stretches = list(zip([0, *kills[:-1]], kills, strict=True))
-        assert all(sum(lo <= i < hi for i in lost) <= 1 for lo, hi in stretches)
-        assert all(i < kills[-1] for i in lost)
+        why = f"messages lost {sorted(lost)}, outages {outages}"
+        assert all(i < kills[-1] for i in lost), why
+        # Outage k can only have lost messages published after outage k - 1's kill and before
+        # its own.
+        for k, outage in enumerate(outages):
+            here = [i for i in lost if (kills[k - 1] if k else 0) <= i < kills[k]]
+            if redis_server.appendfsync == "everysec":
+                here = [i for i in here if outage["killed_at"] - published_at[i] > POSTPONED_S]
+            assert len(here) <= 1, why
     assert counts["entries"] == counts["distinct"] == len(events)
     assert counts["dead_letters"] == 0
     assert counts["numbers"] == len(events) // 5 * 4
