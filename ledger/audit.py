@@ -262,9 +262,7 @@ _T = TypeVar("_T")
 _PAGES_IN_FLIGHT = 2
 
 
-def _each_page(
-    engine: Engine, work: Callable[[list[str]], _T]
-) -> Iterator[tuple[list[str], _T]]:
+def _each_page(engine: Engine, work: Callable[[list[str]], _T]) -> Iterator[tuple[list[str], _T]]:
     """``(page, work(page))`` for every page of instance ids, in page order."""
     pages = _instance_pages(engine)
     if not is_postgres(engine):

@@ -20,7 +20,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = {
-    "embedded", "query", "rebuild", "sweep", "celery_single", "celery_batched", "resequencer"
+    "embedded",
+    "query",
+    "rebuild",
+    "sweep",
+    "celery_single",
+    "celery_batched",
+    "resequencer",
 }
 
 

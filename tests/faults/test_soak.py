@@ -152,7 +152,9 @@ def _soak(seed, pipe, pg_server, redis_server, tmp_path, figures) -> None:
                     try:
                         with urllib.request.urlopen(request, timeout=30) as answer:
                             reply = json.loads(answer.read())
-                        assert reply == {"accepted": MESSAGE, "invalid": [], "invalid_count": 0}, reply
+                        assert reply == {"accepted": MESSAGE, "invalid": [], "invalid_count": 0}, (
+                            reply
+                        )
                         break
                     except (urllib.error.URLError, TimeoutError, ConnectionError):
                         # 503 broker_unavailable, or the connection refused or cut: retry the
