@@ -11,8 +11,7 @@ from events import parse_event_obj
 from ledger.policy import load_policy
 from ledger.resequencer import Tag
 from ledger.service import Ledger
-from tests.api.helpers import AT, READ, READ_TOKEN
-from tests.api.test_queries import cli_json
+from tests.helpers.api import AT, READ, READ_TOKEN, cli_json
 from tests.support import Events
 
 pytestmark = pytest.mark.timeout(120)

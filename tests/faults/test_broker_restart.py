@@ -26,13 +26,13 @@ import pytest
 import redis
 
 from events.publish import close_producer, publish_many
-from tests.faults.conftest import (
+from tests.helpers import wait_until
+from tests.helpers.faults import (
     audit_clean,
     check_engine,
     entry_count,
     ledger_counts,
     settled_count,
-    wait_until,
     workload,
 )
 

@@ -31,7 +31,8 @@ from events.publish import (
     publish_many,
 )
 from ledger.tables import LedgerEntry, ParkedEvent, ServiceNumberRow
-from tests.faults.conftest import audit_clean, check_engine, kill_group, wait_until
+from tests.helpers import wait_until
+from tests.helpers.faults import audit_clean, check_engine, kill_group
 from tests.support import Events
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.postgres]

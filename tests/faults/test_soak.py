@@ -33,15 +33,14 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from events.publish import close_producer, publish_many
-from tests.faults.conftest import (
+from tests.helpers import free_port, wait_until
+from tests.helpers.faults import (
     alive,
     audit_clean,
     check_engine,
     child_pids,
-    free_port,
     kill_group,
     settled_count,
-    wait_until,
     workload,
 )
 
