@@ -38,6 +38,8 @@ __all__ = [
     "alembic_config",
     "current_revision",
     "ensure_schema",
+    "error_line",
+    "exception_chain",
     "head_revision",
     "id_in",
     "is_postgres",
@@ -347,6 +349,15 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         todo.extend([getattr(current, "orig", None), current.__cause__, current.__context__])
+
+
+def error_line(exc: BaseException) -> str:
+    """An error's first line, for logs and one-line messages: a driver error's own text when
+    SQLAlchemy wraps one (it appends the SQL and its parameters on later lines), the type's
+    name when there is no text at all."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def is_transient_error(exc: BaseException) -> bool:

@@ -55,7 +55,13 @@ from events import (
 )
 from events.publish import MAX_BATCH_SIZE, TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP
 from ledger.clock import utcnow
-from ledger.db import ensure_schema, exception_chain, is_transient_error, make_engine
+from ledger.db import (
+    ensure_schema,
+    error_line,
+    exception_chain,
+    is_transient_error,
+    make_engine,
+)
 from ledger.policy import Policy, cached_policy
 from ledger.resequencer import SequenceError, Tag, parse_sequence
 from ledger.results import ApplyResult
@@ -342,12 +348,8 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _error_text(exc: BaseException) -> str:
-    # SQLAlchemy appends the SQL and its parameters on later lines: keep the first line only.
-    orig = getattr(exc, "orig", None)
-    text_ = str(orig if orig is not None else exc).strip()
-    first = text_.splitlines()[0] if text_ else ""
-    message = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return message[:_MAX_ERROR_CHARS]
+    name, line = type(exc).__name__, error_line(exc)
+    return (name if line == name else f"{name}: {line}")[:_MAX_ERROR_CHARS]
 
 
 def _refusals(message: _Message, error: str) -> list[Parsed]:

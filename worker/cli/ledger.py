@@ -14,6 +14,7 @@ import typer
 
 from events import iso_utc
 from events.jsonl import batches, read_lines
+from ledger.clock import utcnow
 from ledger.policy import load_policy
 from ledger.settings import get_settings
 from worker import render
@@ -31,7 +32,6 @@ from worker.cli.options import (
     count_entries,
     guarded,
     mask_url,
-    now_utc,
     open_input,
     parse_time,
     print_json,
@@ -132,7 +132,7 @@ def show(
 
     from ledger.queries import show_instance
 
-    when = parse_time(at, "--at") or now_utc()
+    when = parse_time(at, "--at") or utcnow()
     run = runtime(ctx, db, as_json)
     policy = run.policy
     with run.engine() as engine, Session(engine) as session:
@@ -198,7 +198,7 @@ def instances(
 
     from ledger.queries import list_instances
 
-    when = parse_time(at, "--at") or now_utc()
+    when = parse_time(at, "--at") or utcnow()
     before = parse_time(expiring_before, "--expiring-before")
     run = runtime(ctx, db, as_json)
     policy = run.policy
@@ -308,7 +308,7 @@ def sweep(
     """Run the expiry sweep once: expire subscriptions whose end is at or before T."""
     from ledger.service import Ledger
 
-    when = parse_time(now, "--now") or now_utc()
+    when = parse_time(now, "--now") or utcnow()
     run = runtime(ctx, db, as_json)
     policy = run.policy
     with run.engine() as engine:
