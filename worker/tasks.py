@@ -53,6 +53,7 @@ from events import (
     parse_event_obj,
     parse_iso_utc,
 )
+from events.problems import json_type
 from events.publish import MAX_BATCH_SIZE, TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP
 from ledger.clock import utcnow
 from ledger.db import (
@@ -293,19 +294,11 @@ def _type_in_text(text_: str) -> str | None:
 
 
 def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+    """``json_type`` with its article: "a number", "an array"; "null" stays bare."""
+    name = json_type(value)
+    if name not in ("boolean", "number", "string", "array", "object"):
+        return name
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _describe(arrived: dict[str, Any]) -> str:
