@@ -34,6 +34,7 @@ from sqlmodel import Session
 from ledger.tables import InstanceRow, core_table
 
 __all__ = [
+    "MissingDatabaseDirectory",
     "advisory_key",
     "alembic_config",
     "current_revision",
@@ -94,6 +95,11 @@ def _is_sqlite_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:") or bool(url.query.get("mode") == "memory")
 
 
+class MissingDatabaseDirectory(FileNotFoundError, ValueError):
+    """A SQLite URL whose directory does not exist: an I/O problem, and a bad setting (callers
+    that refuse a bad database URL with ``ValueError`` refuse this one the same way)."""
+
+
 def make_engine(url: str | URL) -> Engine:
     """An engine for ``url``: ``sqlite:///PATH``, ``sqlite://`` (memory), ``postgresql://…``.
 
@@ -118,8 +124,10 @@ def _make_sqlite_engine(url: URL) -> Engine:
         kwargs["poolclass"] = StaticPool
     elif url.database and not Path(url.database).parent.is_dir():
         # SQLite would only say "unable to open database file", on first use.
-        raise FileNotFoundError(
-            f"the directory of the SQLite database {url.database} does not exist"
+        directory = Path(url.database).parent.absolute()
+        raise MissingDatabaseDirectory(
+            f"the directory {directory} of the SQLite database {url.database} does not exist "
+            "(create it first)"
         )
     engine = create_engine(url, **kwargs)
 

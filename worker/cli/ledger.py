@@ -75,7 +75,7 @@ def apply(
     counts: Counter[str] = Counter()
     notable: list[tuple[int, dict[str, Any]]] = []
     omitted = 0
-    # The numbers issued, for the operator who must hand them to the filing (first ones only).
+    # Every number issued: the operator hands each one to the filing it authorises.
     issued: list[tuple[int, str, str]] = []
     with open_input(file) as (stream, size, label), run.engine() as engine:
         ledger = Ledger(engine, policy)
@@ -100,7 +100,6 @@ def apply(
                         data["outcome"] == "applied"
                         and getattr(line.item, "type", None) == "service_number.requested"
                         and data["service_number"]
-                        and len(issued) < APPLY_LISTED
                     ):
                         issued.append((line.number, line.item.instance_id, data["service_number"]))
                 if run.json:
@@ -420,7 +419,7 @@ def demo(
     render.demo_events(
         "Step 2: examples/demo-filings.jsonl (numbers filled in from step 1)", data["filings"]
     )
-    render.sweep(data["sweep"])
+    render.sweep(data["sweep"], report.swept)
     render.instances(data["instances"], clock)
     render.verify(data["verify"])
     db_arg = f"--db '{data['database_url']}'"
