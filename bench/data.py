@@ -301,7 +301,7 @@ def _hash_material(fields: dict[str, Any], prev: str) -> str:
         fields["policy_version"],
         prev,
     ]
-    return json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical_json(material)
 
 
 def record_story(

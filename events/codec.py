@@ -3,7 +3,8 @@
 ``parse_event`` / ``parse_event_obj`` never raise on bad input: they return an
 :class:`EventRejection` carrying the dead-letter ``code`` and a readable, field-naming
 ``error``, because invalid input must be dead-lettered, never dropped and never crash a
-worker. ``validate_event`` is the raising convenience for publishers.
+worker. ``validate_event`` is the raising convenience for publishers. How a problem is worded
+and formatted is :mod:`events.problems`'s.
 """
 
 import contextlib
@@ -15,16 +16,8 @@ from typing import Any, Literal, NoReturn
 
 from pydantic import ValidationError
 
-from events.models import (
-    EVENT_MODELS,
-    EVENT_TYPES,
-    FIELD_ERROR,
-    RULE_ERROR,
-    BaseEvent,
-    Event,
-    describe_value,
-    is_valid_event_id,
-)
+from events.models import EVENT_MODELS, EVENT_TYPES, BaseEvent, Event, is_valid_event_id
+from events.problems import describe_value, format_errors, json_problem, json_type
 from events.timefmt import parse_iso_utc
 
 __all__ = [
@@ -45,9 +38,6 @@ MAX_EVENT_BYTES = 64 * 1024
 """Largest accepted event, in UTF-8 bytes of the line (without its line terminator)."""
 
 RejectionCode = Literal["too_large", "invalid_event"]
-
-_MAX_REPORTED_ERRORS = 10  # an object with 5000 unknown keys must not give a 5000-part message
-_MAX_FIELD_NAME_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -224,22 +214,6 @@ def _reject_constant(name: str) -> NoReturn:
     raise _BadJson(f"{name} is not allowed in JSON")
 
 
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list | tuple):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 def _safe_text(text: str) -> str:
     # Lone surrogates cannot be encoded as UTF-8 (and so cannot be stored); escape them.
     try:
@@ -305,13 +279,8 @@ def parse_event(raw: str | bytes | bytearray) -> Event | EventRejection:
         return _invalid("not valid JSON: nested too deeply", None, raw_text)
     except _BadJson as exc:
         return _invalid(f"not valid JSON: {exc}", None, raw_text)
-    except json.JSONDecodeError as exc:
-        return _invalid(
-            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", None, raw_text
-        )
-    except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
-        first_line = str(exc).split("\n", 1)[0].split(";", 1)[0]
-        return _invalid(f"not valid JSON: {first_line}", None, raw_text)
+    except ValueError as exc:  # JSONDecodeError, or e.g. an integer over the digit limit
+        return _invalid(json_problem(exc), None, raw_text)
     return _validate(obj, raw_text)
 
 
@@ -385,7 +354,7 @@ def _valid_event_id(obj: dict[Any, Any]) -> str | None:
 def _validate(obj: object, raw: str) -> Event | EventRejection:
     try:
         if not isinstance(obj, dict):
-            return _invalid(f"expected a JSON object, got {_json_type(obj)}", None, raw)
+            return _invalid(f"expected a JSON object, got {json_type(obj)}", None, raw)
         event_id = _valid_event_id(obj)
         if "type" not in obj:
             return _invalid("type: required field is missing", event_id, raw)
@@ -405,39 +374,8 @@ def _validate(obj: object, raw: str) -> Event | EventRejection:
         try:
             return model.model_validate(obj)  # type: ignore[return-value]
         except ValidationError as exc:
-            return _invalid(_format_errors(exc), event_id, raw)
+            return _invalid(format_errors(exc), event_id, raw)
     except RecursionError:
         return _invalid("nested too deeply", None, raw)
     except Exception as exc:  # last line of defence: a bug here must dead-letter, not crash
         return _invalid(f"could not validate event: {type(exc).__name__}: {exc}", None, raw)
-
-
-def _field_name(loc: tuple[int | str, ...]) -> str:
-    name = ".".join(str(part) for part in loc)
-    if len(name) > _MAX_FIELD_NAME_CHARS:
-        name = name[:_MAX_FIELD_NAME_CHARS] + "…"
-    return name
-
-
-def _format_errors(exc: ValidationError) -> str:
-    """One readable line per problem, each naming its field, joined by "; "."""
-    parts: list[str] = []
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = tuple(err["loc"])
-        field = _field_name(loc)
-        kind = err["type"]
-        if kind == "missing":
-            part = f"{field}: required field is missing"
-        elif kind == "extra_forbidden":
-            key = loc[-1] if loc else field
-            part = f"unknown field {describe_value(key if isinstance(key, str) else str(key))}"
-        elif kind in (FIELD_ERROR, RULE_ERROR) or not loc:
-            part = f"{field}: {err['msg']}" if loc else err["msg"]
-        else:  # pydantic's own wording, e.g. for a literal `type` mismatch
-            part = f"{field}: {err['msg']}"
-        if part not in parts:
-            parts.append(part)
-    if len(parts) > _MAX_REPORTED_ERRORS:
-        extra = len(parts) - _MAX_REPORTED_ERRORS
-        parts = [*parts[:_MAX_REPORTED_ERRORS], f"… and {extra} more problems"]
-    return "; ".join(parts)

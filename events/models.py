@@ -4,8 +4,9 @@ Design notes (why it looks like this):
 
 * Every field is checked by a hand-written "before" validator, and the models run in pydantic's
   strict mode. Publishers are machines; silently coercing ``"3"`` to ``3`` or ``true`` to ``1``
-  would hide their bugs and make two different payloads mean the same thing. The validators also
-  produce the one-line, field-naming messages that end up in ``dead_letters.error``.
+  would hide their bugs and make two different payloads mean the same thing. The validators word
+  each problem with :mod:`events.problems`, which also formats them into the one-line,
+  field-naming message that ends up in ``dead_letters.error``.
 * Times are stored as aware UTC datetimes and serialised (``mode="json"``) with
   :func:`events.timefmt.iso_utc`, so one instant has one spelling in every payload and hash.
 * Optional fields that only apply to some billing methods (``term_months``, ``expires_at``) and
@@ -13,13 +14,12 @@ Design notes (why it looks like this):
   always carries them (``null`` when absent), so "absent" and "null" hash the same.
 """
 
-import json
 import math
 import re
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal, NoReturn, Self
+from typing import Annotated, Any, Literal, Self
 
 import idna
 from pydantic import (
@@ -31,8 +31,8 @@ from pydantic import (
     TypeAdapter,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
+from events.problems import describe_value, field_problem, rule_problems
 from events.timefmt import iso_utc, parse_iso_utc
 
 __all__ = [
@@ -87,60 +87,16 @@ ProductType = Literal[
 ]
 BillingMethod = Literal["subscription", "pay_as_you_go"]
 
-# Error type used for every rule violation we raise ourselves; the codec formats these as
-# "<field>: <message>".
-FIELD_ERROR = "event_field"
-RULE_ERROR = "event_rule"
-
 _KEY_CHARSET_RE = re.compile(r"[A-Za-z0-9._:-]+")  # ASCII only: str patterns on [A-Z] are ASCII
 _REGION_RE = re.compile(r"[a-z0-9-]+")
 _LDH_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 _DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _MAX_AMOUNT_CHARS = 64  # no real order amount comes close; bounds the Decimal work
-_MAX_DESCRIBE_CHARS = 60
-
-
-def describe_value(value: object) -> str:
-    """Short, single-line JSON-ish rendering of a bad input for error messages.
-
-    Containers are named, not dumped: the value may be huge or nested 100k deep.
-    """
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        try:
-            text = str(value)
-        except ValueError:  # over sys.int_info.str_digits_check_threshold digits
-            return "a very large integer"
-        return text if len(text) <= 40 else text[:20] + "…"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str):
-        short = value[:_MAX_DESCRIBE_CHARS]
-        text = json.dumps(short, ensure_ascii=False)
-        if len(short) < len(value):
-            text += "…"
-        # Lone surrogates (from "\ud800" escapes) cannot be stored as UTF-8: escape them.
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, list | tuple):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"
-
-
-def _fail(message: str) -> NoReturn:
-    # "{msg}" template + context: user text containing braces is never re-interpreted.
-    raise PydanticCustomError(FIELD_ERROR, "{msg}", {"msg": message})
 
 
 def _require_str(value: object) -> str:
     if not isinstance(value, str):
-        _fail(f"must be a string (got {describe_value(value)})")
+        field_problem(f"must be a string (got {describe_value(value)})")
     return value
 
 
@@ -158,9 +114,9 @@ def _key_checker(max_len: int) -> Any:
     def check(value: object) -> str:
         text = _require_str(value)
         if not 1 <= len(text) <= max_len:
-            _fail(f"must be 1 to {max_len} characters long (got {len(text)})")
+            field_problem(f"must be 1 to {max_len} characters long (got {len(text)})")
         if not _KEY_CHARSET_RE.fullmatch(text):
-            _fail(
+            field_problem(
                 f"may only contain letters A-Z a-z, digits and . _ : - (got {describe_value(text)})"
             )
         return text
@@ -172,43 +128,45 @@ def _check_printable_id(value: object) -> str:
     """account/filing/subject ids and service numbers: 1..128 printable, no whitespace."""
     text = _require_str(value)
     if not 1 <= len(text) <= 128:
-        _fail(f"must be 1 to 128 characters long (got {len(text)})")
+        field_problem(f"must be 1 to 128 characters long (got {len(text)})")
     # isprintable() is False for control, format, surrogate and separator characters except
     # the ASCII space, which is then excluded. (Every other whitespace character is a control
     # or separator character, so once isprintable() holds, "no whitespace" is "no space".)
     if not text.isprintable() or " " in text:
-        _fail(f"must be printable characters without whitespace (got {describe_value(text)})")
+        field_problem(
+            f"must be printable characters without whitespace (got {describe_value(text)})"
+        )
     return text
 
 
 def _check_region(value: object) -> str:
     text = _require_str(value)
     if not 1 <= len(text) <= 64:
-        _fail(f"must be 1 to 64 characters long (got {len(text)})")
+        field_problem(f"must be 1 to 64 characters long (got {len(text)})")
     if not _REGION_RE.fullmatch(text):
-        _fail(f"may only contain a-z, 0-9 and - (got {describe_value(text)})")
+        field_problem(f"may only contain a-z, 0-9 and - (got {describe_value(text)})")
     return text
 
 
 def _check_timestamp(value: object) -> datetime:
     if isinstance(value, datetime):  # Python publishers may pass datetimes directly
         if value.tzinfo is None or value.utcoffset() is None:
-            _fail("timestamp has no timezone")
+            field_problem("timestamp has no timezone")
         try:
             return value.astimezone(UTC)
         except OverflowError:
-            _fail("timestamp is out of the supported range")
+            field_problem("timestamp is out of the supported range")
     if not isinstance(value, str):
-        _fail(f"must be an ISO 8601 timestamp string (got {describe_value(value)})")
+        field_problem(f"must be an ISO 8601 timestamp string (got {describe_value(value)})")
     try:
         return parse_iso_utc(value)
     except ValueError as exc:
-        _fail(f"{exc} (got {describe_value(value)})")
+        field_problem(f"{exc} (got {describe_value(value)})")
 
 
 def _check_term_months(value: object) -> int:
     if not _is_json_int(value) or not 1 <= value <= 120:  # type: ignore[operator]
-        _fail(f"must be an integer from 1 to 120 (got {describe_value(value)})")
+        field_problem(f"must be an integer from 1 to 120 (got {describe_value(value)})")
     number: int = int(value)  # type: ignore[call-overload]
     return number
 
@@ -218,17 +176,17 @@ def _check_bandwidth(value: object) -> int | float:
         number: int | float = int(value)  # type: ignore[call-overload]
     elif isinstance(value, float):
         if not math.isfinite(value):
-            _fail(f"must be a finite number >= 0 (got {describe_value(value)})")
+            field_problem(f"must be a finite number >= 0 (got {describe_value(value)})")
         # Integral floats become ints so 10 and 10.0 have one canonical spelling.
         number = int(value) if value.is_integer() else value
     else:
-        _fail(f"must be a number >= 0 (got {describe_value(value)})")
+        field_problem(f"must be a number >= 0 (got {describe_value(value)})")
     if number < 0:
-        _fail(f"must be a number >= 0 (got {describe_value(value)})")
+        field_problem(f"must be a number >= 0 (got {describe_value(value)})")
     # JSON numbers are doubles to most consumers; beyond that range a value is a bug, and
     # a >4300-digit int could not even be serialised by Python's json.
     if number > sys.float_info.max:
-        _fail(f"must be a finite number >= 0 (got {describe_value(value)})")
+        field_problem(f"must be a finite number >= 0 (got {describe_value(value)})")
     return number
 
 
@@ -250,8 +208,8 @@ def _check_amount(value: object) -> Decimal:
     if isinstance(value, str):
         if len(value) > _MAX_AMOUNT_CHARS or not _DECIMAL_RE.fullmatch(value):
             if value.startswith("-") and _DECIMAL_RE.fullmatch(value[1:]):
-                _fail(f"must be >= 0 (got {describe_value(value)})")
-            _fail(
+                field_problem(f"must be >= 0 (got {describe_value(value)})")
+            field_problem(
                 f"must be a plain decimal number such as 99 or 99.50 (got {describe_value(value)})"
             )
         amount = Decimal(value)
@@ -262,21 +220,23 @@ def _check_amount(value: object) -> Decimal:
     elif isinstance(value, Decimal) and value.is_finite():
         amount = value
     else:
-        _fail(f"must be a decimal string or a number (got {describe_value(value)})")
+        field_problem(f"must be a decimal string or a number (got {describe_value(value)})")
     if amount < 0:
-        _fail(f"must be >= 0 (got {describe_value(value)})")
+        field_problem(f"must be >= 0 (got {describe_value(value)})")
     if len(decimal_str(amount)) > _MAX_AMOUNT_CHARS:
-        _fail(f"has too many digits (at most {_MAX_AMOUNT_CHARS}; got {describe_value(value)})")
+        field_problem(
+            f"has too many digits (at most {_MAX_AMOUNT_CHARS}; got {describe_value(value)})"
+        )
     try:
         return Decimal(decimal_str(amount))  # one stored form per amount: 99 == "99.00"
     except InvalidOperation:  # pragma: no cover - decimal_str always yields valid text
-        _fail(f"not a decimal number (got {describe_value(value)})")
+        field_problem(f"not a decimal number (got {describe_value(value)})")
 
 
 def _check_product_type(value: object) -> str:
     text = _require_str(value)
     if text not in PRODUCT_TYPES:
-        _fail(
+        field_problem(
             f"unknown product type {describe_value(text)} "
             f"(expected one of: {', '.join(PRODUCT_TYPES)})"
         )
@@ -286,7 +246,7 @@ def _check_product_type(value: object) -> str:
 def _check_billing_method(value: object) -> str:
     text = _require_str(value)
     if text not in BILLING_METHODS:
-        _fail(
+        field_problem(
             f"unknown billing method {describe_value(text)} "
             f"(expected one of: {', '.join(BILLING_METHODS)})"
         )
@@ -295,7 +255,7 @@ def _check_billing_method(value: object) -> str:
 
 def _check_schema_version(value: object) -> int:
     if not _is_json_int(value) or value != 1:
-        _fail(f"only schema_version 1 is supported (got {describe_value(value)})")
+        field_problem(f"only schema_version 1 is supported (got {describe_value(value)})")
     return 1
 
 
@@ -309,24 +269,26 @@ def _check_website(value: object) -> str:
     """
     text = _require_str(value)
     if not text:
-        _fail('must be a domain name (got "")')
+        field_problem('must be a domain name (got "")')
     if len(text) > 253:
-        _fail(f"must be at most 253 characters long (got {len(text)})")
+        field_problem(f"must be at most 253 characters long (got {len(text)})")
     name = text.lower()
     if not name.isascii():
         try:
             # UTS 46 mapping = what browsers do with typed names (full-width dots, case, …).
             name = idna.encode(name, uts46=True, std3_rules=True).decode("ascii")
         except (idna.IDNAError, UnicodeError, ValueError) as exc:
-            _fail(f"not a valid internationalised domain name: {exc} (got {describe_value(text)})")
+            field_problem(
+                f"not a valid internationalised domain name: {exc} (got {describe_value(text)})"
+            )
     labels = name.split(".")
     for label in labels:
         if not label:
-            _fail(f"has an empty label (got {describe_value(text)})")
+            field_problem(f"has an empty label (got {describe_value(text)})")
         if len(label) > 63:
-            _fail(f"label {describe_value(label)} is longer than 63 characters")
+            field_problem(f"label {describe_value(label)} is longer than 63 characters")
         if not _LDH_LABEL_RE.fullmatch(label):
-            _fail(
+            field_problem(
                 f"label {describe_value(label)} may only contain letters, digits and hyphens, "
                 "and must not start or end with a hyphen"
             )
@@ -334,13 +296,15 @@ def _check_website(value: object) -> str:
             try:
                 idna.decode(label)
             except (idna.IDNAError, UnicodeError, ValueError):
-                _fail(f"label {describe_value(label)} is not valid punycode")
+                field_problem(f"label {describe_value(label)} is not valid punycode")
     if len(name) > 253:
-        _fail(f"must be at most 253 characters long in ASCII form (got {len(name)})")
+        field_problem(f"must be at most 253 characters long in ASCII form (got {len(name)})")
     if len(labels) < 2:
-        _fail(f"must be a domain name with at least two labels (got {describe_value(text)})")
+        field_problem(
+            f"must be a domain name with at least two labels (got {describe_value(text)})"
+        )
     if labels[-1].isdigit():
-        _fail(f"top-level label must not be all digits (got {describe_value(text)})")
+        field_problem(f"top-level label must not be all digits (got {describe_value(text)})")
     return name
 
 
@@ -375,12 +339,6 @@ AmountCny = Annotated[
 ProductTypeField = Annotated[ProductType, BeforeValidator(_check_product_type)]
 BillingMethodField = Annotated[BillingMethod, BeforeValidator(_check_billing_method)]
 SchemaVersion = Annotated[Literal[1], BeforeValidator(_check_schema_version)]
-
-
-def _rule_error(messages: list[str]) -> None:
-    """Raise the collected cross-field violations as one error (each names its field)."""
-    if messages:
-        raise PydanticCustomError(RULE_ERROR, "{msg}", {"msg": "; ".join(messages)})
 
 
 def _after(later: datetime, earlier: datetime) -> str:
@@ -439,7 +397,7 @@ class InstancePurchased(BaseEvent):
             )
         if self.product_type == "marketplace" and self.order_amount_cny is None:
             problems.append("order_amount_cny: required for product_type marketplace")
-        _rule_error(problems)
+        rule_problems(problems)
         return self
 
 
@@ -455,7 +413,7 @@ class InstanceRenewed(BaseEvent):
     def _check_rules(self) -> Self:
         if self.expires_at <= self.occurred_at:
             when = _after(self.expires_at, self.occurred_at)
-            _rule_error([f"expires_at: must be after occurred_at {when}"])
+            rule_problems([f"expires_at: must be after occurred_at {when}"])
         return self
 
 
@@ -484,7 +442,7 @@ class InstanceBillingConverted(BaseEvent):
             problems.append(
                 "expires_at: must be after occurred_at " + _after(self.expires_at, self.occurred_at)
             )
-        _rule_error(problems)
+        rule_problems(problems)
         return self
 
 
@@ -505,7 +463,7 @@ class InstanceExpired(BaseEvent):
     @model_validator(mode="after")
     def _check_rules(self) -> Self:
         if self.expires_at > self.occurred_at:
-            _rule_error(
+            rule_problems(
                 [
                     f"expires_at: must not be after occurred_at for an expiry "
                     f"({iso_utc(self.expires_at)} is after {iso_utc(self.occurred_at)})"

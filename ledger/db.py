@@ -34,10 +34,13 @@ from sqlmodel import Session
 from ledger.tables import InstanceRow, core_table
 
 __all__ = [
+    "MissingDatabaseDirectory",
     "advisory_key",
     "alembic_config",
     "current_revision",
     "ensure_schema",
+    "error_line",
+    "exception_chain",
     "head_revision",
     "id_in",
     "is_postgres",
@@ -92,6 +95,11 @@ def _is_sqlite_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:") or bool(url.query.get("mode") == "memory")
 
 
+class MissingDatabaseDirectory(FileNotFoundError, ValueError):
+    """A SQLite URL whose directory does not exist: an I/O problem, and a bad setting (callers
+    that refuse a bad database URL with ``ValueError`` refuse this one the same way)."""
+
+
 def make_engine(url: str | URL) -> Engine:
     """An engine for ``url``: ``sqlite:///PATH``, ``sqlite://`` (memory), ``postgresql://…``.
 
@@ -116,8 +124,10 @@ def _make_sqlite_engine(url: URL) -> Engine:
         kwargs["poolclass"] = StaticPool
     elif url.database and not Path(url.database).parent.is_dir():
         # SQLite would only say "unable to open database file", on first use.
-        raise FileNotFoundError(
-            f"the directory of the SQLite database {url.database} does not exist"
+        directory = Path(url.database).parent.absolute()
+        raise MissingDatabaseDirectory(
+            f"the directory {directory} of the SQLite database {url.database} does not exist "
+            "(create it first)"
         )
     engine = create_engine(url, **kwargs)
 
@@ -347,6 +357,15 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         todo.extend([getattr(current, "orig", None), current.__cause__, current.__context__])
+
+
+def error_line(exc: BaseException) -> str:
+    """An error's first line, for logs and one-line messages: a driver error's own text when
+    SQLAlchemy wraps one (it appends the SQL and its parameters on later lines), the type's
+    name when there is no text at all."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def is_transient_error(exc: BaseException) -> bool:

@@ -176,9 +176,7 @@ def _release_everything(gate: Gate) -> list[Release]:
     return steps
 
 
-def arrive(
-    gate: Gate, tag: Tag, index: int, *, has_event: bool, max_parked: int
-) -> list[Step]:
+def arrive(gate: Gate, tag: Tag, index: int, *, has_event: bool, max_parked: int) -> list[Step]:
     """An element numbered ``tag`` arrives at ``gate`` (which is ``tag.instance_id``'s).
 
     ``has_event`` is False for an element that was dead-lettered on arrival: its number is

@@ -12,6 +12,16 @@ Databases
 ``engine``        ``make_engine(db_url)`` with the schema upgraded to head; disposed afterwards.
 
 Select a backend with ``-k sqlite`` / ``-k postgres`` or ``-m postgres`` / ``-m "not postgres"``.
+
+Broker and processes
+--------------------
+``redis_url``     a Redis database index of its own on 127.0.0.1:6379 (1–15, empty, claimed with a
+                  SETNX marker), flushed afterwards.
+``pipeline``      a factory of real ``quota-ledger`` processes (``worker``, ``beat``, …) on a fresh
+                  PostgreSQL database and ``redis_url``, all stopped afterwards
+                  (``tests.helpers.pipeline``).
+
+Plain helpers (no fixtures) are in ``tests.helpers`` and ``tests.support``.
 """
 
 from __future__ import annotations
@@ -27,6 +37,12 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 from ledger.db import make_engine, normalize_url, upgrade
+from ledger.policy import load_policy
+from ledger.service import Ledger
+from tests.helpers.ledger_harness import Harness
+from tests.helpers.pipeline import Pipeline, pipeline_on
+from tests.helpers.redis_db import private_redis_db
+from tests.support import Numbers
 
 PG_ADMIN_URL_ENV = "QUOTA_LEDGER_TEST_PG_ADMIN_URL"
 PG_ADMIN_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -105,6 +121,22 @@ def engine(db_url: str) -> Iterator[Engine]:
         eng.dispose()
 
 
+# -- a broker and real processes -----------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    with private_redis_db() as url:
+        yield url
+
+
+@pytest.fixture
+def pipeline(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[Pipeline]:
+    """A fresh PostgreSQL database, a Redis index, and whatever processes the test starts."""
+    with pipeline_on(postgres_url, redis_url, tmp_path) as pipe:
+        yield pipe
+
+
 # -- a ledger service on a real database ------------------------------------------------------
 
 
@@ -112,11 +144,6 @@ def engine(db_url: str) -> Iterator[Engine]:
 def sqlite_ledger(tmp_path_factory: pytest.TempPathFactory):
     """One SQLite ledger per test module (tests use distinct instance ids), with deterministic
     service numbers ``SN-1``, ``SN-2``, …"""
-    from ledger.policy import load_policy
-    from ledger.service import Ledger
-    from tests.integration.ledger_harness import Harness
-    from tests.support import Numbers
-
     url = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}"
     upgrade(url)
     engine = make_engine(url)
@@ -127,9 +154,4 @@ def sqlite_ledger(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def any_ledger(engine: Engine):
     """A ledger service on every backend (``db_url``: SQLite and a fresh PostgreSQL)."""
-    from ledger.policy import load_policy
-    from ledger.service import Ledger
-    from tests.integration.ledger_harness import Harness
-    from tests.support import Numbers
-
     return Harness(engine, Ledger(engine, load_policy(), new_number=Numbers()))

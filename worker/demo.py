@@ -102,6 +102,7 @@ class DemoReport:
     events: list[dict[str, Any]] = field(default_factory=list)
     filings: list[dict[str, Any]] = field(default_factory=list)
     sweep_expired: int = 0
+    swept: list[str] = field(default_factory=list)  # the instances the sweep expired
     instances: list[dict[str, Any]] = field(default_factory=list)
     verify: dict[str, Any] = field(default_factory=dict)
 
@@ -205,9 +206,17 @@ def run_demo(
             report.filings = _steps(FILINGS_FILE, filing_lines, pipeline.apply_lines(filing_lines))
 
         # Step 3: the expiry sweep at the scenario's clock, then the state as of that clock.
+        with session_scope(engine) as session:
+            before = list_instances(session, policy=policy, at=SCENARIO_CLOCK)
         report.sweep_expired = ledger.sweep(now=SCENARIO_CLOCK)
         with session_scope(engine) as session:
             report.instances = list_instances(session, policy=policy, at=SCENARIO_CLOCK)
+        was_expired = {row["instance_id"] for row in before if row["status"] == "expired"}
+        report.swept = [
+            row["instance_id"]
+            for row in report.instances
+            if row["status"] == "expired" and row["instance_id"] not in was_expired
+        ]
         report.verify = verify(engine).to_json()
         return report
     finally:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 from sqlmodel import Session
 
+from ledger.clock import utcnow
 from ledger.store.parking import parked_summary
 from worker.metrics import record_parked
 
@@ -39,7 +39,7 @@ def check_once(app: Any) -> int:
     handled = runtime.ledger.release_due()
     with Session(runtime.engine) as session:
         count, oldest = parked_summary(session.connection())
-    age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
+    age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
     record_parked(count, max(age, 0.0))
     return handled
 

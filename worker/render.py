@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 _STDOUT: Console | None = None
@@ -86,6 +87,34 @@ def _table(title: str | None = None, *columns: str, **kwargs: Any) -> Table:
     for column in columns:
         # Fold, never truncate: an id cut short with "…" is worse than a wrapped one.
         table.add_column(column, overflow="fold")
+    return table
+
+
+#: The narrowest a free-text column (an error, raw input, reasons) is squeezed to by :func:`_fit`.
+FREE_TEXT_MIN = 12
+
+
+def _fit(table: Table, whole: Sequence[str]) -> Table:
+    """Keep the ``whole`` columns (ids, numbers, timestamps) on one line while the console has
+    room for them, in the order given, next to the other columns wrapped down to
+    :data:`FREE_TEXT_MIN`: free text wraps first. A value column that does not fit folds like
+    the rest, so a narrow console still shows every character (nothing is ever cut off)."""
+
+    def natural(column: Column) -> int:
+        cells = [column.header, *column.cells]
+        return max(cell_len(c.plain if isinstance(c, Text) else str(c)) for c in cells)
+
+    columns = {str(column.header): column for column in table.columns}
+    widths = {name: natural(column) for name, column in columns.items()}
+    # Every column squeezed as far as it goes; one space of padding on either side of each and
+    # one rule character between them.
+    room = console().width - 3 * len(columns) - 1
+    room -= sum(min(width, FREE_TEXT_MIN) for width in widths.values())
+    for name in whole:
+        extra = widths[name] - min(widths[name], FREE_TEXT_MIN)
+        if extra <= room:
+            columns[name].no_wrap = True
+            room -= extra
     return table
 
 
@@ -209,7 +238,9 @@ def history(instance_id: str, entries: Sequence[Mapping[str, Any]]) -> None:
             cell(codes(entry["reasons"]) or entry["service_number"]),
             cell(short_hash(entry["hash"])),
         )
-    console().print(table)
+    # Short values first, then the service number, the event id, the type; reasons wrap.
+    whole = ("seq", "occurred at", "outcome", "hash", "reasons / number", "event", "type")
+    console().print(_fit(table, whole))
 
 
 def instances(rows: Sequence[Mapping[str, Any]], at: str) -> None:
@@ -263,7 +294,7 @@ def rejected(rows: Sequence[Mapping[str, Any]], total: int | None = None) -> Non
             cell(row["error"]),
             cell(clip(row["raw"], 60)),
         )
-    console().print(table)
+    console().print(_fit(table, ("id", "received at", "code", "event")))
 
 
 def parked(rows: Sequence[Mapping[str, Any]]) -> None:
@@ -335,10 +366,10 @@ def apply_summary(
 # --- sweep, rebuild, verify, db ---------------------------------------------------------------
 
 
-def sweep(report: Mapping[str, Any]) -> None:
-    console().print(
-        Text(f"Sweep as of {report['as_of']}: {report['expired']} instance(s) expired.")
-    )
+def sweep(report: Mapping[str, Any], expired_ids: Sequence[str] = ()) -> None:
+    """The sweep's line; with ``expired_ids`` (the demo) it names the instances it expired."""
+    line = f"Sweep as of {report['as_of']}: {report['expired']} instance(s) expired"
+    message(f"{line}: {', '.join(expired_ids)}." if expired_ids else f"{line}.")
 
 
 def rebuild(report: Mapping[str, Any], *, check: bool) -> None:

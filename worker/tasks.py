@@ -53,9 +53,15 @@ from events import (
     parse_event_obj,
     parse_iso_utc,
 )
+from events.problems import json_type
 from events.publish import MAX_BATCH_SIZE, TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP
 from ledger.clock import utcnow
-from ledger.db import ensure_schema, exception_chain, is_transient_error
+from ledger.db import (
+    ensure_schema,
+    error_line,
+    exception_chain,
+    is_transient_error,
+)
 from ledger.policy import Policy
 from ledger.resequencer import SequenceError, Tag, parse_sequence
 from ledger.results import ApplyResult
@@ -291,19 +297,11 @@ def _type_in_text(text_: str) -> str | None:
 
 
 def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+    """``json_type`` with its article: "a number", "an array"; "null" stays bare."""
+    name = json_type(value)
+    if name not in ("boolean", "number", "string", "array", "object"):
+        return name
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _describe(arrived: dict[str, Any]) -> str:
@@ -346,12 +344,8 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _error_text(exc: BaseException) -> str:
-    # SQLAlchemy appends the SQL and its parameters on later lines: keep the first line only.
-    orig = getattr(exc, "orig", None)
-    text_ = str(orig if orig is not None else exc).strip()
-    first = text_.splitlines()[0] if text_ else ""
-    message = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return message[:_MAX_ERROR_CHARS]
+    name, line = type(exc).__name__, error_line(exc)
+    return (name if line == name else f"{name}: {line}")[:_MAX_ERROR_CHARS]
 
 
 def _refusals(message: _Message, error: str) -> list[Parsed]:

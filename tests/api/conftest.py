@@ -10,19 +10,13 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from ledger.settings import Settings
-from tests.api.helpers import API_TOKENS, private_redis_db, seed
+from tests.helpers.api import API_TOKENS, seed
 from worker.api import create_app
 
 with warnings.catch_warnings():
     # Newer Starlette prefers "httpx2" for its TestClient; httpx is what this project uses.
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    with private_redis_db() as url:
-        yield url
 
 
 @pytest.fixture
@@ -53,7 +47,7 @@ def make_client(settings: Settings) -> Iterator:
 
 @pytest.fixture
 def client(engine: Engine, make_client) -> TestClient:
-    """A client on a database holding the scenario of ``tests.api.helpers``."""
+    """A client on a database holding the scenario of ``tests.helpers.api``."""
     seed(engine)
     return make_client()
 

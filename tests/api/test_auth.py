@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from ledger.settings import Settings
-from tests.api.helpers import (
+from tests.helpers.api import (
     BOTH_TOKEN,
     INGEST,
     INGEST_TOKEN,

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.api.helpers import INGEST, READ, seed, ui_login
+from tests.helpers.api import INGEST, READ, seed, ui_login
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.api.helpers import (
+from tests.helpers.api import (
     INGEST,
     READ,
     closed_port,

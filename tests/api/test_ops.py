@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import redis
 
-from tests.api.helpers import AT, INGEST, QUEUE, READ, SCENARIO, closed_port
+from tests.helpers.api import AT, INGEST, QUEUE, READ, SCENARIO, closed_port
 from tests.support import Events
 
 pytestmark = pytest.mark.timeout(120)

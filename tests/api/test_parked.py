@@ -11,8 +11,7 @@ from events import parse_event_obj
 from ledger.policy import load_policy
 from ledger.resequencer import Tag
 from ledger.service import Ledger
-from tests.api.helpers import AT, READ, READ_TOKEN
-from tests.api.test_queries import cli_json
+from tests.helpers.api import AT, READ, READ_TOKEN, cli_json
 from tests.support import Events
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,9 +32,9 @@ def test_parked_is_the_cli_json_and_show_counts_it(client, engine: Engine, db_ur
     assert response.status_code == 200
     body = response.json()
     assert body == cli_json(db_url, "parked")
-    assert [(r["instance_id"], r["epoch"], r["n"], r["event_id"], r["waiting_for"]) for r in body] == [
-        ("i-waiting", 7, 2, event_id, 1)
-    ]
+    assert [
+        (r["instance_id"], r["epoch"], r["n"], r["event_id"], r["waiting_for"]) for r in body
+    ] == [("i-waiting", 7, 2, event_id, 1)]
     assert client.get("/v1/parked", params={"instance": "i-other"}, headers=READ).json() == []
 
     view = client.get("/v1/instances/i-waiting", params={"at": AT}, headers=READ).json()

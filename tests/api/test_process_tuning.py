@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ledger.settings import Settings
-from tests.api.helpers import API_TOKENS, INGEST, closed_port
+from tests.helpers.api import API_TOKENS, INGEST, closed_port
 from worker.api import create_app
 
 with warnings.catch_warnings():

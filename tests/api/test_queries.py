@@ -4,28 +4,18 @@
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
-from typer.testing import CliRunner
 
 from events import validate_event
 from ledger.policy import load_policy
 from ledger.service import Ledger
-from tests.api.helpers import AT, READ, SCENARIO
+from tests.helpers.api import AT, READ, SCENARIO, cli_json
 from tests.support import Events, ts
-from worker.cli import app as cli_app
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def cli_json(db_url: str, *args: str) -> Any:
-    """What ``quota-ledger --db URL --json ARGS`` prints, parsed."""
-    result = CliRunner().invoke(cli_app, ["--db", db_url, "--json", *args])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 def test_instance_is_the_cli_show_json(client, db_url: str) -> None:

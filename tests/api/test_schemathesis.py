@@ -29,7 +29,7 @@ from schemathesis import GenerationMode
 
 from events import iso_utc
 from ledger.db import ensure_schema, make_engine
-from tests.api.helpers import (
+from tests.helpers.api import (
     API_TOKENS,
     BOTH_TOKEN,
     ServeProcess,

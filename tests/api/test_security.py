@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 from ledger.db import make_engine, upgrade
 from ledger.settings import Settings
-from tests.api.helpers import (
+from tests.helpers.api import (
     API_TOKENS,
     BOTH_TOKEN,
     INGEST,
@@ -38,12 +38,12 @@ from tests.api.helpers import (
     auth,
     closed_by_server,
     closed_port,
-    private_redis_db,
     queue_length,
     read_http_response,
     seed,
     serve_process,
 )
+from tests.helpers.redis_db import private_redis_db
 from tests.support import Events
 from worker.api.ingest_limits import over_event_limit
 from worker.api.middleware import MAX_BODY_BYTES

@@ -11,14 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.helpers import (
-    API_TOKENS,
-    READ,
-    free_port,
-    private_redis_db,
-    serve_env,
-    serve_process,
-)
+from tests.helpers import free_port
+from tests.helpers.api import API_TOKENS, READ, serve_env, serve_process
+from tests.helpers.redis_db import private_redis_db
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.api.helpers import (
+from tests.helpers.api import (
     AT,
     BOTH_TOKEN,
     INGEST_TOKEN,
@@ -16,7 +16,7 @@ from tests.api.helpers import (
     SCENARIO,
     WRONG_TOKEN,
 )
-from tests.api.helpers import ui_login as login
+from tests.helpers.api import ui_login as login
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ import pytest
 
 from ledger.db import make_engine, upgrade
 from ledger.settings import Settings
-from tests.api.helpers import API_TOKENS, AT, READ_TOKEN, SCENARIO, live_server, seed
+from tests.helpers.api import API_TOKENS, AT, READ_TOKEN, SCENARIO, live_server, seed
 from worker.api import create_app
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -62,14 +62,6 @@ def server(tmp_path: Path, redis_url: str) -> Iterator[str]:
     with live_server(app) as base_url:
         yield base_url
     app.state.api.engine.dispose()
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    from tests.api.helpers import private_redis_db
-
-    with private_redis_db() as url:
-        yield url
 
 
 @pytest.fixture

@@ -526,6 +526,10 @@ def test_configuration_errors(cli, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "database" in proc.stderr
     # The message names the path that is missing, not just "unable to open database file".
     assert str(tmp_path / "no" / "such" / "dir.db") in proc.stderr
+    assert f"the directory {tmp_path / 'no' / 'such'} " in proc.stderr
+    # The same one line from serve (no traceback: the fixture refuses one), before any port.
+    proc = cli("serve", "--port", "1", "--db", f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
+    assert proc.returncode == 2 and f"the directory {tmp_path / 'no' / 'such'} " in proc.stderr
 
     # The environment names the database when --db is absent; a fresh file just works.
     env = {"QUOTA_LEDGER_DATABASE_URL": f"sqlite:///{tmp_path / 'env.db'}"}
@@ -570,8 +574,72 @@ def test_demo(cli, db_url: str, tmp_path: Path) -> None:
         human = cli("demo", "--dir", str(tmp_path / "demo2"))
         assert human.returncode == 0, human.stderr
         assert "website_limit_reached" in human.stdout and "i-ecs-good" in human.stdout
+        # The sweep line names the instances it expired (the JSON counts them).
+        expired = [row["instance_id"] for row in report["instances"] if row["status"] == "expired"]
+        assert len(expired) == report["sweep"]["expired"]
+        assert f"2 instance(s) expired: {', '.join(expired)}." in human.stdout
         default = cli("demo", "--json", extra_env={"TMPDIR": str(tmp_path)})  # a new temp dir
         assert default.returncode == 0 and Path(_json(default)["directory"]).is_dir()
     else:
         again = cli("demo", *where)
         assert again.returncode == 2 and "empty" in again.stderr
+
+
+# --- human output, as a newcomer first meets it --------------------------------------------------
+
+
+def _whole_in_a_line(stdout: str, values: Sequence[str]) -> list[str]:
+    """The values that no line of ``stdout`` shows in one piece (wrapped mid-value)."""
+    return [value for value in values if not any(value in line for line in stdout.splitlines())]
+
+
+def test_human_output_for_a_newcomer(cli, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    # 21 instances × 5 requests: more numbers than the listing of rejected lines shows.
+    lines: list[dict[str, Any] | str] = []
+    for n in range(21):
+        iid = f"i-newcomer-{n:02d}"
+        lines.append(purchase(iid, "ecs", public_bandwidth_mbps=5))
+        lines += [request(f"request:{iid}:{k}", iid) for k in range(5)]
+    for n in range(3):  # dead letters with long ids and long errors
+        lines.append({"event_id": f"publisher-event-id-{n:04d}", "type": "x.y"})
+
+    # Plain apply prints the service number issued for every applied request.
+    proc = cli("apply", str(_write_jsonl(tmp_path / "many.jsonl", lines)), "--db", db)
+    assert proc.returncode == 1, proc.stderr  # the three invalid lines
+    engine = make_engine(db)
+    try:
+        with engine.connect() as conn:
+            numbers = list(conn.execute(text("SELECT number FROM service_numbers")).scalars())
+    finally:
+        engine.dispose()
+    assert len(numbers) == 105
+    assert _whole_in_a_line(proc.stdout, numbers) == []
+
+    # history and rejected at the width of a pipe (120): timestamps, numbers and ids stay whole,
+    # the free text wraps.
+    narrow = {"COLUMNS": "120"}
+    history = _json(cli("history", "i-newcomer-00", "--db", db, "--json"))
+    proc = cli("history", "i-newcomer-00", "--db", db, extra_env=narrow)
+    assert proc.returncode == 0, proc.stderr
+    values = [e["occurred_at"] for e in history] + [e["service_number"] for e in history[1:]]
+    assert _whole_in_a_line(proc.stdout, values) == []
+    rejected = _json(cli("rejected", "--db", db, "--json"))
+    proc = cli("rejected", "--db", db, extra_env=narrow)
+    assert proc.returncode == 0, proc.stderr
+    values = [row["received_at"] for row in rejected] + [row["event_id"] for row in rejected]
+    assert _whole_in_a_line(proc.stdout, values) == []
+    assert "invalid_event" in proc.stdout
+
+
+def test_help_shows_flags_without_a_type_placeholder() -> None:
+    # In-process: one subprocess per command would cost seconds for the same text.
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    for command in (*COMMANDS, "parked", "serve", "publish", "reconcile", "worker", "beat"):
+        args = ["db", "upgrade", "--help"] if command == "db" else [command, "--help"]
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "150"})
+        assert result.exit_code == 0, (command, result.output)
+        assert "--help" in result.stdout and "<bool>" not in result.stdout, command

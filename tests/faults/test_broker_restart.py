@@ -31,14 +31,14 @@ import pytest
 import redis
 
 from events.publish import QUEUE_EVENTS, close_producer, publish_many
-from tests.faults.conftest import (
+from tests.helpers import wait_until
+from tests.helpers.faults import (
     audit_clean,
     check_engine,
     entry_count,
     ledger_counts,
     ledger_event_ids,
     settled_count,
-    wait_until,
     workload,
 )
 

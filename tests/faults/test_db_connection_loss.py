@@ -21,14 +21,14 @@ import pytest
 from sqlalchemy import text
 
 from events.publish import close_producer, publish_many
-from tests.faults.conftest import (
+from tests.helpers import wait_until
+from tests.helpers.faults import (
     audit_clean,
     check_engine,
     database_name,
     entry_count,
     ledger_counts,
     redis_queue_state,
-    wait_until,
     workload,
 )
 

@@ -42,7 +42,8 @@ from ledger.policy import load_policy
 from ledger.queries import show_instance
 from ledger.service import Ledger
 from ledger.settings import Settings
-from tests.faults.conftest import audit_clean, redis_queue_state, wait_until
+from tests.helpers import wait_until
+from tests.helpers.faults import audit_clean, redis_queue_state
 from tests.support import Events
 from worker.api import create_app
 

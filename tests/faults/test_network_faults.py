@@ -22,17 +22,17 @@ import redis
 from sqlalchemy import text
 
 from events.publish import close_producer, publish_many
-from tests.faults.conftest import (
+from tests.faults.proxy import FaultProxy
+from tests.helpers import wait_until
+from tests.helpers.faults import (
     audit_clean,
     check_engine,
     database_name,
     entry_count,
     ledger_counts,
     settled_count,
-    wait_until,
     workload,
 )
-from tests.faults.proxy import FaultProxy
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.postgres]
 

@@ -27,13 +27,13 @@ import redis
 from sqlalchemy import text
 
 from events.publish import QUEUE_EVENTS, close_producer, producer_app, publish_many
-from tests.faults.conftest import (
+from tests.helpers import wait_until
+from tests.helpers.faults import (
     audit_clean,
     check_engine,
     entry_count,
     redelivered,
     redis_queue_state,
-    wait_until,
 )
 from tests.support import Events
 

@@ -20,13 +20,13 @@ import pytest
 from sqlalchemy import text
 
 from events.publish import close_producer, publish_many
-from tests.faults.conftest import (
+from tests.helpers import wait_until
+from tests.helpers.faults import (
     audit_clean,
     check_engine,
     entry_count,
     ledger_counts,
     wait_for_an_empty_queue,
-    wait_until,
     workload,
 )
 

@@ -24,7 +24,8 @@ from ledger.policy import load_policy
 from ledger.queries import show_instance
 from ledger.service import Ledger
 from ledger.tables import FilingRow, LedgerEntry, ServiceNumberRow
-from tests.faults.conftest import audit_clean, entry_count, wait_until
+from tests.helpers import wait_until
+from tests.helpers.faults import audit_clean, entry_count
 from tests.support import Events
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.postgres]

@@ -31,7 +31,8 @@ from events.publish import (
     publish_many,
 )
 from ledger.tables import LedgerEntry, ParkedEvent, ServiceNumberRow
-from tests.faults.conftest import audit_clean, check_engine, kill_group, wait_until
+from tests.helpers import wait_until
+from tests.helpers.faults import audit_clean, check_engine, kill_group
 from tests.support import Events
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.postgres]
@@ -188,8 +189,9 @@ def test_lost_broker_counters_start_a_new_epoch_and_nothing_parks_forever(pipeli
     ev = Events("flush")
     instances = [f"i-flush-{n}" for n in range(50)]
     try:
-        publish_many([ev.purchase(iid) for iid in instances], batch_size=10,
-                     broker_url=pipeline.broker_url)
+        publish_many(
+            [ev.purchase(iid) for iid in instances], batch_size=10, broker_url=pipeline.broker_url
+        )
         for iid in instances[:10]:  # a number lost in the old epoch: its successors park
             client.hincrby(SEQUENCE_KEY, iid, 1)
         first = [ev.request(iid, at=1) for iid in instances]

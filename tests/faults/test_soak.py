@@ -33,15 +33,14 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from events.publish import close_producer, publish_many
-from tests.faults.conftest import (
+from tests.helpers import free_port, wait_until
+from tests.helpers.faults import (
     alive,
     audit_clean,
     check_engine,
     child_pids,
-    free_port,
     kill_group,
     settled_count,
-    wait_until,
     workload,
 )
 
@@ -152,7 +151,9 @@ def _soak(seed, pipe, pg_server, redis_server, tmp_path, figures) -> None:
                     try:
                         with urllib.request.urlopen(request, timeout=30) as answer:
                             reply = json.loads(answer.read())
-                        assert reply == {"accepted": MESSAGE, "invalid": [], "invalid_count": 0}, reply
+                        assert reply == {"accepted": MESSAGE, "invalid": [], "invalid_count": 0}, (
+                            reply
+                        )
                         break
                     except (urllib.error.URLError, TimeoutError, ConnectionError):
                         # 503 broker_unavailable, or the connection refused or cut: retry the

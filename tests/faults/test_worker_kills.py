@@ -27,7 +27,8 @@ import redis
 
 from events.publish import QUEUE_EVENTS, close_producer, publish_many
 from ledger.settings import Settings
-from tests.faults.conftest import (
+from tests.helpers import wait_until
+from tests.helpers.faults import (
     alive,
     audit_clean,
     check_engine,
@@ -43,7 +44,6 @@ from tests.faults.conftest import (
     redeliveries,
     redis_queue_state,
     wait_for_an_empty_queue,
-    wait_until,
     workload,
 )
 

@@ -13,7 +13,7 @@ from events import parse_event
 from ledger.audit import rebuild, verify
 from ledger.queries import instance_history, rejected_events, service_number_info
 from ledger.service import Ledger
-from tests.integration.ledger_harness import Harness
+from tests.helpers.ledger_harness import Harness
 from tests.support import Events, Numbers, day
 
 

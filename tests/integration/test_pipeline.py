@@ -10,7 +10,6 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,20 +33,13 @@ from ledger.db import make_engine
 from ledger.policy import load_policy
 from ledger.queries import show_instance
 from ledger.tables import DeadLetter, LedgerEntry, ServiceNumberRow
+from tests.helpers import wait_until
 from tests.support import Events
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = load_policy()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def count(engine: Engine, stmt: Any) -> int:

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.integration.ledger_harness import Harness
+from tests.helpers.ledger_harness import Harness
 from tests.support import Events, day
 
 

@@ -20,7 +20,7 @@ from events.publish import close_producer, publish
 from ledger.audit import verify
 from ledger.db import make_engine
 from ledger.tables import LedgerEntry, ParkedEvent
-from tests.faults.conftest import wait_until
+from tests.helpers import wait_until
 from tests.support import Events
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(600)]

@@ -9,7 +9,7 @@ import pytest
 from ledger.policy import load_policy
 from ledger.reasons import REASONS, explain
 from ledger.service import ApplyResult, Ledger
-from tests.integration.ledger_harness import Harness
+from tests.helpers.ledger_harness import Harness
 from tests.support import Events, Numbers, day
 
 Scenario = Callable[[Harness, Events, str], ApplyResult]

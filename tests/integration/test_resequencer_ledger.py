@@ -36,8 +36,7 @@ def send(ledger: Ledger, *items: tuple[Any, int], epoch: int = EPOCH) -> list[Ap
         parse_event(item) if isinstance(item, str) else parse_event_obj(item) for item, _ in items
     ]
     tags = [
-        Tag(item["instance_id"] if isinstance(item, dict) else "i-1", epoch, n)
-        for item, n in items
+        Tag(item["instance_id"] if isinstance(item, dict) else "i-1", epoch, n) for item, n in items
     ]
     return ledger.apply(parsed, sequence=tags)
 
@@ -113,9 +112,7 @@ def test_a_message_keeps_its_own_order_and_numbers_already_filled_pass(engine: E
     assert outcomes(send(ledger, (p, 1), (other, 1), (r1, 2), (r2, 3))) == ["applied"] * 4
     assert entries(engine) == [("mo-1", "applied"), ("mo-2", "applied"), ("mo-3", "applied")]
     with Session(engine) as session:
-        gates = {
-            g.instance_id: (g.epoch, g.last) for g in session.scalars(select(SequencerGate))
-        }
+        gates = {g.instance_id: (g.epoch, g.last) for g in session.scalars(select(SequencerGate))}
     assert gates == {"i-1": (EPOCH, 3), "i-2": (EPOCH, 1)}
 
 

@@ -30,7 +30,11 @@ def envelope(
     """Exactly the README's recipe (base64 body), or with ``kwargs`` a UTF-8 text body."""
     task_id = str(uuid.uuid4())
     body = json.dumps(
-        [[events], kwargs or {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+        [
+            [events],
+            kwargs or {},
+            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+        ]
     )
     encoded = kwargs is None
     return json.dumps(

@@ -6,7 +6,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -138,7 +138,3 @@ def parse_time_param(value: str | None, name: str) -> datetime | None:
             f"{name}: {exc} (use ISO 8601 with a timezone, e.g. 2026-09-01T00:00:00Z)",
             extra={"details": [{"loc": ["query", name], "message": str(exc)}]},
         ) from None
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

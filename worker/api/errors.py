@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from ledger.db import error_line
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 500
@@ -112,7 +114,7 @@ async def validation_error_handler(request: Request, exc: Exception) -> Response
 
 
 async def database_error_handler(request: Request, exc: Exception) -> Response:
-    log.warning("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else exc)
+    log.warning("database unavailable: %s", error_line(exc))
     return error_response(
         503,
         "database_unavailable",

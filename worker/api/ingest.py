@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from events import Event, EventRejection, parse_event
+from events.problems import json_problem
 
 Format = Literal["json", "jsonl"]
 
@@ -107,22 +108,13 @@ def _skip_ws(text: str, position: int) -> int:
     return match.end() if match else position
 
 
-def _json_error(exc: json.JSONDecodeError) -> BodyError:
-    return BodyError(
-        f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "invalid_json"
-    )
-
-
 def _element_end(decoder: json.JSONDecoder, text: str, position: int) -> int:
     try:
         _, end = decoder.raw_decode(text, position)
-    except json.JSONDecodeError as exc:
-        raise _json_error(exc) from None
     except RecursionError:
         raise BodyError("not valid JSON: nested too deeply", "invalid_json") from None
-    except ValueError as exc:  # an integer literal over Python's digit limit
-        first_line = str(exc).split("\n", 1)[0].split(";", 1)[0]
-        raise BodyError(f"not valid JSON: {first_line}", "invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer over Python's digit limit
+        raise BodyError(json_problem(exc), "invalid_json") from None
     return end
 
 

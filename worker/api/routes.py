@@ -18,6 +18,8 @@ from sqlmodel import Session
 
 from events import Event, EventRejection, iso_utc
 from events.models import ProductType
+from ledger.clock import utcnow
+from ledger.db import error_line
 from ledger.queries import (
     instance_history,
     iter_instances,
@@ -37,7 +39,6 @@ from worker.api.deps import (
     api_state,
     db_session,
     metrics_guard,
-    now_utc,
     parse_time_param,
     require_scope,
 )
@@ -153,7 +154,7 @@ def get_instance(
     state: ApiState = Depends(api_state),
     session: Session = Depends(db_session),
 ) -> Response:
-    when = parse_time_param(at, "at") or now_utc()
+    when = parse_time_param(at, "at") or utcnow()
     view = None
     if INSTANCE_ID_RE.fullmatch(instance_id):
         view = show_instance(session, instance_id=instance_id, at=when, policy=state.policy)
@@ -207,7 +208,7 @@ def list_instances(
             raise decode_cursor_error()
         if when is None and isinstance(position.get("t"), str):
             when = parse_time_param(position["t"], "cursor")
-    when = when or now_utc()
+    when = when or utcnow()
     rows = list(
         iter_instances(
             session,
@@ -325,8 +326,7 @@ async def _blocking(func: Any, *args: Any, timeout: float | None = None, **kwarg
 
 
 def _first_line(exc: BaseException) -> str:
-    text_ = str(exc).strip()
-    return clip(text_.splitlines()[0] if text_ else type(exc).__name__, 200)
+    return clip(error_line(exc), 200)
 
 
 def _broker_unavailable() -> Response:

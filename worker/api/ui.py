@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlmodel import Session
 
+from ledger.clock import utcnow
 from ledger.queries import (
     instance_history,
     load_state,
@@ -39,7 +40,6 @@ from worker.api.deps import (
     ApiState,
     api_state,
     db_session,
-    now_utc,
     parse_time_param,
 )
 from worker.api.errors import ApiError, quoted
@@ -414,7 +414,7 @@ def instance_page(
     view = None
     if INSTANCE_ID_RE.fullmatch(instance_id):
         view = show_instance(
-            session, instance_id=instance_id, at=when or now_utc(), policy=state.policy
+            session, instance_id=instance_id, at=when or utcnow(), policy=state.policy
         )
     if view is None:
         raise ApiError(

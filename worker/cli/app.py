@@ -15,7 +15,6 @@ database unreachable, demo directory or database not fresh). User errors never p
 traceback.
 """
 
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +38,6 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="Database schema commands.")
 app.add_typer(db_app, name="db", help="Database schema: `db upgrade` creates or migrates it.")
-
 
 
 def _version(value: bool) -> None:

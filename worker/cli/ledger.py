@@ -14,6 +14,7 @@ import typer
 
 from events import iso_utc
 from events.jsonl import batches, read_lines
+from ledger.clock import utcnow
 from worker import bootstrap, render
 from worker.cli.options import (
     APPLY_BATCH,
@@ -30,7 +31,6 @@ from worker.cli.options import (
     count_entries,
     guarded,
     mask_url,
-    now_utc,
     open_input,
     parse_time,
     print_json,
@@ -72,7 +72,7 @@ def apply(
     counts: Counter[str] = Counter()
     notable: list[tuple[int, dict[str, Any]]] = []
     omitted = 0
-    # The numbers issued, for the operator who must hand them to the filing (first ones only).
+    # Every number issued: the operator hands each one to the filing it authorises.
     issued: list[tuple[int, str, str]] = []
     with open_input(file) as (stream, size, label), run.engine() as engine:
         ledger = bootstrap.build_ledger(run.settings, engine, policy)
@@ -97,7 +97,6 @@ def apply(
                         data["outcome"] == "applied"
                         and getattr(line.item, "type", None) == "service_number.requested"
                         and data["service_number"]
-                        and len(issued) < APPLY_LISTED
                     ):
                         issued.append((line.number, line.item.instance_id, data["service_number"]))
                 if run.json:
@@ -129,7 +128,7 @@ def show(
 
     from ledger.queries import show_instance
 
-    when = parse_time(at, "--at") or now_utc()
+    when = parse_time(at, "--at") or utcnow()
     run = runtime(ctx, db, as_json)
     policy = run.policy
     with run.engine() as engine, Session(engine) as session:
@@ -195,7 +194,7 @@ def instances(
 
     from ledger.queries import list_instances
 
-    when = parse_time(at, "--at") or now_utc()
+    when = parse_time(at, "--at") or utcnow()
     before = parse_time(expiring_before, "--expiring-before")
     run = runtime(ctx, db, as_json)
     policy = run.policy
@@ -303,7 +302,7 @@ def sweep(
     as_json: JsonOption = False,
 ) -> None:
     """Run the expiry sweep once: expire subscriptions whose end is at or before T."""
-    when = parse_time(now, "--now") or now_utc()
+    when = parse_time(now, "--now") or utcnow()
     run = runtime(ctx, db, as_json)
     policy = run.policy
     with run.engine() as engine:
@@ -416,7 +415,7 @@ def demo(
     render.demo_events(
         "Step 2: examples/demo-filings.jsonl (numbers filled in from step 1)", data["filings"]
     )
-    render.sweep(data["sweep"])
+    render.sweep(data["sweep"], report.swept)
     render.instances(data["instances"], clock)
     render.verify(data["verify"])
     db_arg = f"--db '{data['database_url']}'"

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, NoReturn, ParamSpec, TypeVar
 
@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine, make_url
 
 from events import PRODUCT_TYPES, parse_iso_utc
+from ledger.db import error_line
 from ledger.policy import Policy, PolicyError
 from ledger.rules import ELIGIBILITY_STATUSES
 from ledger.settings import Settings, get_settings
@@ -95,18 +96,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _settings_problems(exc: pydantic.ValidationError) -> str:
     problems = []
     for error in exc.errors(include_url=False):
         name = "_".join(str(part) for part in error["loc"]).upper()
         problems.append(f"QUOTA_LEDGER_{name}: {error['msg']}")
-    return "; ".join(problems) or _first_line(exc)
+    return "; ".join(problems) or error_line(exc)
 
 
 def guarded(func_: Callable[P, R]) -> Callable[P, R]:
@@ -125,7 +120,7 @@ def guarded(func_: Callable[P, R]) -> Callable[P, R]:
         except pydantic.ValidationError as exc:
             fail(f"invalid configuration: {_settings_problems(exc)}")
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
-            fail(f"database error: {_first_line(exc)}")
+            fail(f"database error: {error_line(exc)}")
         except BrokenPipeError:
             # The reader went away (`… | head`): nothing more to say to anybody.
             sys.stdout = open(  # noqa: SIM115 - replaces stdout until exit
@@ -217,10 +212,6 @@ def parse_time(value: str | None, option: str) -> datetime | None:
             f"{value!r}: {exc} (use ISO 8601 with a timezone, e.g. 2026-09-01T00:00:00Z)",
             param_hint=option,
         ) from None
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
 
 
 def print_json(data: Any) -> None:

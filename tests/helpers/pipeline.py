@@ -1,11 +1,6 @@
-"""Fixtures for the pipeline tests on the machine's real Redis and PostgreSQL.
-
-``redis_url``      a Redis database index of its own on 127.0.0.1:6379 (1–15, empty, claimed with a
-                   SETNX marker), flushed afterwards.
-``pipeline``       a factory of real ``quota-ledger`` processes (``worker``, ``beat``, …) with the
-                   database and broker in their environment; each is started in its own
-                   process group and the whole group is terminated (then killed) afterwards.
-"""
+"""Real ``quota-ledger`` processes (``worker``, ``beat``, ``publish``, …) on a database and a
+broker: each is started in its own process group, and the whole group is terminated (then
+killed) when the pipeline stops. The ``pipeline`` fixture (tests/conftest.py) builds one."""
 
 from __future__ import annotations
 
@@ -19,38 +14,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from ledger.db import upgrade
 
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
-CLAIM_KEY = "quota_ledger:test:claimed"
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    import redis
-
-    claimed: redis.Redis | None = None
-    for index in range(1, 16):
-        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=index, socket_timeout=5)
-        try:
-            if client.dbsize() == 0 and client.set(CLAIM_KEY, os.getpid(), nx=True, ex=3600):
-                claimed = client
-                break
-        except redis.ConnectionError as exc:
-            client.close()
-            pytest.fail(
-                f"Redis is required but does not answer at {REDIS_HOST}:{REDIS_PORT}: {exc}"
-            )
-        client.close()
-    if claimed is None:
-        pytest.fail("no free Redis database index (1–15) on 127.0.0.1:6379")
-    try:
-        yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{index}"
-    finally:
-        claimed.flushdb()
-        claimed.close()
 
 
 @dataclass
@@ -183,18 +149,9 @@ class Pipeline:
 def pipeline_on(database_url: str, broker_url: str, tmp: Path) -> Iterator[Pipeline]:
     """The schema brought to head on ``database_url``, and a process factory on it whose
     processes are all stopped at the end."""
-    from ledger.db import upgrade
-
     upgrade(database_url)
     pipe = Pipeline(database_url, broker_url, tmp)
     try:
         yield pipe
     finally:
         pipe.stop_all()
-
-
-@pytest.fixture
-def pipeline(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[Pipeline]:
-    """A fresh PostgreSQL database, a Redis index, and whatever processes the test starts."""
-    with pipeline_on(postgres_url, redis_url, tmp_path) as pipe:
-        yield pipe

@@ -1,9 +1,10 @@
-"""Shared by the API and browser tests: tokens, a ledger scenario, a private Redis database, a
-live uvicorn server in a thread, and a real ``quota-ledger serve`` process."""
+"""Shared by the API and browser tests: tokens, a ledger scenario, the CLI's JSON for comparison,
+a live uvicorn server in a thread, and a real ``quota-ledger serve`` process."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -11,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +19,14 @@ from typing import Any
 import httpx
 import redis
 from sqlalchemy.engine import Engine
+from typer.testing import CliRunner
 
 from events import validate_event
 from ledger.policy import load_policy
 from ledger.service import Ledger
+from tests.helpers import free_port
 from tests.support import Events, Numbers, ts
+from worker.cli import app as cli_app
 
 READ_TOKEN = "read-token-0123456789abcdef"
 INGEST_TOKEN = "ingest-token-0123456789abcdef"
@@ -35,7 +38,6 @@ QUEUE = "quota_ledger.events"
 # Every show/instances call in the tests is pinned to this instant, so answers never depend on
 # the wall clock: day 340 of the scenario (an ECS bought for a year on day 0 has 25 days left).
 AT = ts(340)
-REDIS_MARKER = "quota-ledger-test:claimed-by"
 
 
 def auth(token: str) -> dict[str, str]:
@@ -102,33 +104,14 @@ def seed(engine: Engine) -> Ledger:
     return ledger
 
 
+def cli_json(db_url: str, *args: str) -> Any:
+    """What ``quota-ledger --db URL --json ARGS`` prints, parsed."""
+    result = CliRunner().invoke(cli_app, ["--db", db_url, "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 # --- Redis -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def private_redis_db(host: str = "127.0.0.1", port: int = 6379) -> Iterator[str]:
-    """A Redis URL on an empty database index (15 down to 1) claimed with a SETNX marker,
-    flushed afterwards."""
-    claim = uuid.uuid4().hex
-    for index in range(15, 0, -1):
-        client = redis.Redis(host=host, port=port, db=index, socket_timeout=5)
-        try:
-            if client.dbsize() == 0 and client.set(REDIS_MARKER, claim, nx=True):
-                if client.dbsize() == 1:
-                    break
-                client.delete(REDIS_MARKER)
-        except Exception:
-            client.close()
-            raise
-        client.close()
-    else:
-        raise RuntimeError("no free Redis database index (1-15) for the test")
-    try:
-        yield f"redis://{host}:{port}/{index}"
-    finally:
-        if client.get(REDIS_MARKER) == claim.encode():
-            client.flushdb()
-        client.close()
 
 
 def queue_length(redis_url: str, queue: str = QUEUE) -> int:
@@ -221,13 +204,6 @@ def live_server(app: Any, timeout: float = 20.0) -> Iterator[str]:
 
 
 # --- a real `quota-ledger serve` process ------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_env(**extra: str) -> dict[str, str]:
