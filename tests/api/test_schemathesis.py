@@ -33,10 +33,10 @@ from tests.helpers.api import (
     API_TOKENS,
     BOTH_TOKEN,
     ServeProcess,
-    private_redis_db,
     seed,
     serve_process,
 )
+from tests.helpers.redis_db import private_redis_db
 from worker.api.deps import INSTANCE_ID_RE
 from worker.api.pagination import encode_cursor
 from worker.api.routes import cursor_format
