@@ -35,8 +35,10 @@ from ledger.clock import utcnow
 
 __all__ = [
     "DeadLetter",
+    "FeedHead",
     "FilingRow",
     "InstanceRow",
+    "LedgerChange",
     "LedgerEntry",
     "ParkedEvent",
     "SequencerGate",
@@ -255,6 +257,44 @@ class ParkedEvent(SQLModel, table=True):
     parked_at: datetime = Field(
         sa_column=Column("parked_at", UTCDateTime(), nullable=False, index=True)
     )
+
+
+# --- the change feed (docs/changes.md; ledger/changes.py) ----------------------------------------
+
+
+class LedgerChange(SQLModel, table=True):
+    """One change of meaning, append-only like the ledger (triggers refuse UPDATE, DELETE and
+    TRUNCATE). ``position`` is gap-free and increases in commit order (``FeedHead``), so a
+    consumer that has read up to ``p`` only ever needs ``position > p``."""
+
+    __tablename__ = "ledger_changes"
+
+    # Assigned from ``ledger_feed_head`` in the writing transaction, never by a sequence (a
+    # sequence leaves gaps on rollback and hands out numbers out of commit order).
+    position: int = Field(
+        sa_column=Column("position", BigInteger(), primary_key=True, autoincrement=False)
+    )
+    kind: str = Field(max_length=64)  # service_number.issued, filing.accepted, …
+    # The instance and the entry that caused the change; NULL for a dead letter (no entry) and
+    # for a renewal reminder (caused by the clock, not by an entry).
+    instance_id: str | None = Field(default=None, max_length=128, index=True)
+    event_id: str | None = Field(default=None, max_length=200)
+    instance_seq: int | None = None
+    occurred_at: datetime = Field(sa_column=Column("occurred_at", UTCDateTime(), nullable=False))
+    recorded_at: datetime = Field(sa_column=Column("recorded_at", UTCDateTime(), nullable=False))
+    data: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column("data", _json(), nullable=False)
+    )
+
+
+class FeedHead(SQLModel, table=True):
+    """The feed's single counter row (``id`` = 1): the last position handed out. Every writing
+    transaction updates it just before commit, so its row lock orders the feed's writers."""
+
+    __tablename__ = "ledger_feed_head"
+
+    id: int = Field(sa_column=Column("id", Integer(), primary_key=True, autoincrement=False))
+    position: int = Field(sa_column=Column("position", BigInteger(), nullable=False))
 
 
 def core_table(model: type[SQLModel]) -> Table:

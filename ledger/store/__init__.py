@@ -25,12 +25,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from ledger.changes import Change
 from ledger.db import advisory_key, id_in, is_postgres, is_transient_error, lock_and_load
 from ledger.gc_tuning import fewer_collections
 from ledger.resequencer import Gate, Release
 from ledger.results import Prior
 from ledger.state import InstanceState, state_from_json
-from ledger.store import parking
+from ledger.store import feed, parking
 from ledger.store.parking import ParkedRow
 from ledger.store.rows import insert_rows, write_projections
 from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, core_table
@@ -89,6 +90,7 @@ class Transaction(Protocol):
         gates: Iterable[Gate] = (),
         parked: list[dict[str, Any]] | None = None,
         released: list[Release] | None = None,
+        changes: Sequence[Change] = (),
     ) -> None: ...
 
 
@@ -176,9 +178,11 @@ class SqlStore:
         gates: Iterable[Gate] = (),
         parked: list[dict[str, Any]] | None = None,
         released: list[Release] | None = None,
+        changes: Sequence[Change] = (),
     ) -> None:
         """Write the transaction's outcome: dead letters, entries, the projections that changed,
-        and the gates, parked and released events."""
+        the gates, parked and released events, and last the feed's changes (their position
+        counter is a lock every writer shares: held from here to the commit, and no longer)."""
         if dead_letters:
             self.connection.execute(_DEAD_LETTERS.insert(), dead_letters)
         if entries:
@@ -193,6 +197,8 @@ class SqlStore:
                 released=released or [],
                 now=recorded_at,
             )
+        if changes:
+            feed.append_changes(self.connection, changes, recorded_at)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+from ledger.changes import Change
 from ledger.clock import utcnow
 from ledger.resequencer import Gate, Parked, Release
 from ledger.results import Prior
@@ -36,6 +37,8 @@ class MemoryStorage:
     priors: dict[str, Prior] = field(default_factory=dict)
     gates: dict[str, Gate] = field(default_factory=dict)
     parked: dict[tuple[str, int, int], tuple[ParkedRow, datetime]] = field(default_factory=dict)
+    # The change feed, in position order: ``changes[p - 1]`` is at position ``p``.
+    changes: list[Change] = field(default_factory=list)
 
     def run(self, work: Callable[[Transaction], T], max_attempts: int) -> T:
         return work(_MemoryTransaction(self))
@@ -109,9 +112,11 @@ class _MemoryTransaction:
         gates: Iterable[Gate] = (),
         parked: list[dict[str, Any]] | None = None,
         released: list[Release] | None = None,
+        changes: Sequence[Change] = (),
     ) -> None:
         storage = self.storage
         storage.dead_letters += dead_letters
+        storage.changes += changes
         for entry in entries:
             storage.entries.append(entry)
             storage.priors[entry["event_id"]] = Prior(

@@ -63,6 +63,12 @@ SCHEMA: dict[str, set[str]] = {
     # The resequencer's working state (SPEC §9), outside the ledger.
     "sequencer_gates": {"instance_id", "epoch", "last", "parked", "updated_at"},
     "parked_events": {"instance_id", "epoch", "n", "event_id", "type", "raw", "parked_at"},
+    # The change feed (docs/changes.md): append-only, numbered by its one-row counter.
+    "ledger_changes": {
+        "position", "kind", "instance_id", "event_id", "instance_seq", "occurred_at",
+        "recorded_at", "data",
+    },
+    "ledger_feed_head": {"id", "position"},
 }  # fmt: skip
 
 
@@ -103,7 +109,8 @@ def test_migrations_ship_inside_the_package() -> None:
     assert (migrations / "script.py.mako").is_file()
     assert (migrations / "versions" / "0001_initial.py").is_file()
     assert (migrations / "versions" / "0002_resequencer.py").is_file()
-    assert head_revision() == "0002"
+    assert (migrations / "versions" / "0003_change_feed.py").is_file()
+    assert head_revision() == "0003"
 
 
 def test_upgrade_is_idempotent(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,7 +231,7 @@ def test_alembic_cli_upgrades_and_reports_no_drift(db_url: str) -> None:
         return done.stdout + done.stderr
 
     alembic("upgrade", "head")
-    assert "0002 (head)" in alembic("current")
+    assert "0003 (head)" in alembic("current")
     assert "No new upgrade operations detected" in alembic("check")
 
 

@@ -365,6 +365,10 @@ def verify(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False)
         if not run.json:
             typer.echo(f"quota-ledger: broken chains: {', '.join(report['broken'])}", err=True)
         raise typer.Exit(1)
+    if not report["ok"]:  # the change feed does not match the ledger (docs/changes.md)
+        if not run.json:
+            typer.echo(f"quota-ledger: change feed: {report['feed']}", err=True)
+        raise typer.Exit(1)
 
 
 # --- demo ----------------------------------------------------------------------------------------

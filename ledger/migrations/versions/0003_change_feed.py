@@ -1,0 +1,96 @@
+"""The change feed: ``ledger_changes`` (append-only) and its position counter.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-02 12:00:00
+
+Positions come from the single row of ``ledger_feed_head``, updated by each writing
+transaction just before it commits (docs/changes.md). Entries recorded before this revision
+have no changes: the feed starts here (no backfill).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision: str = "0003"
+down_revision: str | Sequence[str] | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+APPEND_ONLY = "ledger_changes is append-only"
+
+
+def upgrade() -> None:
+    op.create_table(
+        "ledger_changes",
+        sa.Column("position", sa.BigInteger(), primary_key=True, autoincrement=False),
+        sa.Column("kind", sa.String(64), nullable=False),
+        sa.Column("instance_id", sa.String(128), nullable=True),
+        sa.Column("event_id", sa.String(200), nullable=True),
+        sa.Column("instance_seq", sa.Integer(), nullable=True),
+        sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column(
+            "data",
+            sa.JSON().with_variant(postgresql.JSONB(), "postgresql"),
+            nullable=False,
+        ),
+    )
+    op.create_index("ix_ledger_changes_instance_id", "ledger_changes", ["instance_id"])
+    op.create_table(
+        "ledger_feed_head",
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
+        sa.Column("position", sa.BigInteger(), nullable=False),
+    )
+    op.execute("INSERT INTO ledger_feed_head (id, position) VALUES (1, 0)")
+    _create_append_only_triggers()
+
+
+def _create_append_only_triggers() -> None:
+    """As for ``ledger_entries`` (0001): the database refuses to change the feed."""
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(
+            f"""
+            CREATE FUNCTION ledger_changes_append_only() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION '{APPEND_ONLY}' USING ERRCODE = 'restrict_violation';
+            END
+            $$
+            """
+        )
+        op.execute(
+            "CREATE TRIGGER ledger_changes_no_update_delete"
+            " BEFORE UPDATE OR DELETE ON ledger_changes"
+            " FOR EACH ROW EXECUTE FUNCTION ledger_changes_append_only()"
+        )
+        op.execute(
+            "CREATE TRIGGER ledger_changes_no_truncate"
+            " BEFORE TRUNCATE ON ledger_changes"
+            " FOR EACH STATEMENT EXECUTE FUNCTION ledger_changes_append_only()"
+        )
+    else:
+        for action in ("UPDATE", "DELETE"):
+            op.execute(
+                f"CREATE TRIGGER ledger_changes_no_{action.lower()}"
+                f" BEFORE {action} ON ledger_changes"
+                f" BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END"
+            )
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP TRIGGER IF EXISTS ledger_changes_no_truncate ON ledger_changes")
+        op.execute("DROP TRIGGER IF EXISTS ledger_changes_no_update_delete ON ledger_changes")
+        op.execute("DROP FUNCTION IF EXISTS ledger_changes_append_only()")
+    else:
+        op.execute("DROP TRIGGER IF EXISTS ledger_changes_no_update")
+        op.execute("DROP TRIGGER IF EXISTS ledger_changes_no_delete")
+    op.drop_table("ledger_feed_head")
+    op.drop_index("ix_ledger_changes_instance_id", table_name="ledger_changes")
+    op.drop_table("ledger_changes")
