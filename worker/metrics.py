@@ -60,6 +60,13 @@ PARKED_OLDEST_SECONDS = Gauge(
     "Age of the oldest parked event, as last measured (0 when none is parked).",
 )
 
+# --- the change feed (docs/changes.md) ------------------------------------------------------------
+FEED_POSITION = Gauge(
+    "quota_ledger_feed_position",
+    "Position of the newest committed change of the feed, as last measured (a consumer's lag "
+    "is this minus its cursor).",
+)
+
 SWEEP_RUNS = Counter("quota_ledger_sweep_runs_total", "Expiry sweeps run.")
 SWEEP_EXPIRED = Counter("quota_ledger_sweep_expired_total", "Instances expired by the sweep.")
 

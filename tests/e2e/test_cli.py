@@ -34,6 +34,7 @@ COMMANDS = (
     "rebuild",
     "verify",
     "demo",
+    "changes",
 )
 
 SHOW_KEYS = {

@@ -201,3 +201,25 @@ class Readiness(_Model):
     checks: dict[str, str]
     error: str | None = None
     message: str | None = None
+
+
+# --- the change feed (docs/changes.md) -----------------------------------------------------------
+
+
+class Change(_Model):
+    position: int = Field(ge=1, description="Gap-free, increasing in commit order: the cursor.")
+    kind: str = Field(examples=["service_number.invalidated"])
+    instance_id: str | None
+    seq: int | None = Field(description="The ledger entry that caused it (null: none).")
+    event_id: str | None
+    instance_seq: int | None
+    occurred_at: IsoTime
+    recorded_at: IsoTime
+    data: dict[str, object] = Field(description="The kind's own fields (docs/changes.md).")
+
+
+class ChangesPage(_Model):
+    items: list[Change]
+    next_after: int = Field(
+        ge=0, description="Pass as `after` next time: the last position returned, or `after`."
+    )

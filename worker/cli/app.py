@@ -23,7 +23,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli import ledger, pipeline
+from worker.cli import feed, ledger, pipeline
 from worker.cli.options import DbOption, GlobalOptions, JsonOption, _utf8_stdout
 
 app = typer.Typer(
@@ -86,6 +86,7 @@ app.command("service-number")(ledger.service_number)
 for command in (ledger.rejected, ledger.parked, ledger.sweep, ledger.rebuild, ledger.verify):
     app.command()(command)
 app.command()(ledger.demo)
+app.command()(feed.changes)
 
 from worker.api.cli import serve_command  # noqa: E402  (the HTTP API; imports FastAPI lazily)
 
