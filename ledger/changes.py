@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from events import iso_utc
@@ -38,6 +38,7 @@ __all__ = [
     "dead_letter_change",
     "derive_changes",
     "fold_feed",
+    "reminder_window",
     "renewal_due_change",
 ]
 
@@ -166,12 +167,26 @@ def dead_letter_change(
     )
 
 
-def renewal_due_change(
-    *, instance_id: str, threshold_days: int, expires_at: datetime, as_of: datetime
-) -> Change:
-    """The sweep saw ``instance_id``'s remaining term cross ``threshold_days``."""
+def renewal_due_change(*, instance_id: str, threshold_days: int, expires_at: datetime) -> Change:
+    """``instance_id``'s remaining term crossed ``threshold_days`` days: its time is the moment
+    it crossed (``expires_at`` − threshold), whenever the sweep noticed."""
     data = {"threshold_days": threshold_days, "expires_at": iso_utc(expires_at)}
-    return Change("instance.renewal_due", instance_id, None, None, as_of, data)
+    crossed = expires_at - timedelta(days=threshold_days)
+    return Change("instance.renewal_due", instance_id, None, None, crossed, data)
+
+
+def reminder_window(
+    threshold_days: int, swept_until: datetime | None, now: datetime
+) -> tuple[datetime, datetime] | None:
+    """The ends ``(lo, hi]`` whose ``threshold_days`` crossing happened since the last sweep
+    (at ``swept_until``) and up to ``now``, or None when there are none. Ends at or before
+    ``now`` are the expiry sweep's business. The first sweep (``swept_until`` None) takes
+    every end within the threshold. So each sweep reads only what became due since the last
+    one, and an end that a renewal moved is met again when its own crossing comes."""
+    span = timedelta(days=threshold_days)
+    lo = now if swept_until is None else max(swept_until + span, now)
+    hi = now + span
+    return (lo, hi) if hi > lo else None
 
 
 @dataclass

@@ -270,4 +270,16 @@ class Ledger:
             events = [sweep_expiry(instance_id, expires_at) for instance_id, expires_at in due]
             expired += sum(1 for r in self.apply(events) if r.outcome == "applied")
             after = (due[-1][1], due[-1][0])
+        self.remind_renewals(now=now)
         return expired
+
+    def remind_renewals(self, *, now: datetime) -> int:
+        """The sweep's second job: ``instance.renewal_due`` changes for active subscriptions
+        holding numbers or filings whose remaining term crossed a threshold of the policy
+        (``renewal_reminder_days``) since the last sweep; returns how many (docs/changes.md)."""
+        thresholds = self.policy.renewal_reminder_days
+        if not thresholds:
+            return 0
+        return self.storage.remind_renewals(
+            now=now, thresholds=thresholds, recorded_at=self.clock()
+        )

@@ -41,6 +41,7 @@ __all__ = [
     "LedgerChange",
     "LedgerEntry",
     "ParkedEvent",
+    "RenewalMark",
     "SequencerGate",
     "ServiceNumberRow",
     "UTCDateTime",
@@ -295,6 +296,21 @@ class FeedHead(SQLModel, table=True):
 
     id: int = Field(sa_column=Column("id", Integer(), primary_key=True, autoincrement=False))
     position: int = Field(sa_column=Column("position", BigInteger(), nullable=False))
+
+
+class RenewalMark(SQLModel, table=True):
+    """How far the renewal reminders of one threshold have been swept (``swept_until``): the
+    next sweep reads only the ends whose crossing came after it."""
+
+    __tablename__ = "renewal_marks"
+
+    threshold_days: int = Field(
+        sa_column=Column("threshold_days", Integer(), primary_key=True, autoincrement=False)
+    )
+    # NULL until the first sweep with this threshold has committed.
+    swept_until: datetime | None = Field(
+        default=None, sa_column=Column("swept_until", UTCDateTime(), nullable=True)
+    )
 
 
 def core_table(model: type[SQLModel]) -> Table:

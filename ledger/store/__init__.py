@@ -31,7 +31,7 @@ from ledger.gc_tuning import fewer_collections
 from ledger.resequencer import Gate, Release
 from ledger.results import Prior
 from ledger.state import InstanceState, state_from_json
-from ledger.store import feed, parking
+from ledger.store import feed, parking, reminders
 from ledger.store.parking import ParkedRow
 from ledger.store.rows import insert_rows, write_projections
 from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, core_table
@@ -105,6 +105,9 @@ class Storage(Protocol):
     def due_expiries(
         self, *, now: datetime, after: tuple[datetime, str] | None, limit: int
     ) -> list[tuple[str, datetime]]: ...
+    def remind_renewals(
+        self, *, now: datetime, thresholds: Sequence[int], recorded_at: datetime
+    ) -> int: ...
 
 
 class SqlStore:
@@ -298,3 +301,10 @@ class SqlStorage:
         self, *, now: datetime, after: tuple[datetime, str] | None, limit: int
     ) -> list[tuple[str, datetime]]:
         return due_expiries(self.engine, now=now, after=after, limit=limit)
+
+    def remind_renewals(
+        self, *, now: datetime, thresholds: Sequence[int], recorded_at: datetime
+    ) -> int:
+        return reminders.remind_renewals(
+            self.engine, now=now, thresholds=thresholds, recorded_at=recorded_at
+        )

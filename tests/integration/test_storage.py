@@ -69,6 +69,7 @@ SCHEMA: dict[str, set[str]] = {
         "recorded_at", "data",
     },
     "ledger_feed_head": {"id", "position"},
+    "renewal_marks": {"threshold_days", "swept_until"},
 }  # fmt: skip
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from events import canonical_payload, parse_event_obj
-from ledger.changes import Change, derive_changes, fold_feed, renewal_due_change
+from ledger.changes import (
+    Change,
+    derive_changes,
+    fold_feed,
+    reminder_window,
+    renewal_due_change,
+)
 from ledger.entries import record
 from ledger.policy import load_policy
 from ledger.state import InstanceState
@@ -120,13 +126,21 @@ def test_changes_name_their_entry_and_time() -> None:
     assert first.occurred_at == day(3)
 
 
-def test_a_renewal_reminder_names_no_entry() -> None:
-    change = renewal_due_change(
-        instance_id="i1", threshold_days=7, expires_at=day(40), as_of=day(33)
-    )
+def test_a_renewal_reminder_names_no_entry_and_its_crossing_time() -> None:
+    change = renewal_due_change(instance_id="i1", threshold_days=7, expires_at=day(40))
     assert (change.kind, change.event_id, change.instance_seq) == (
         "instance.renewal_due",
         None,
         None,
     )
     assert change.data == {"threshold_days": 7, "expires_at": "2026-02-10T00:00:00Z"}
+    assert change.occurred_at == day(33)
+
+
+def test_reminder_windows_cover_each_crossing_once() -> None:
+    assert reminder_window(30, None, day(10)) == (day(10), day(40))
+    assert reminder_window(30, day(10), day(12)) == (day(40), day(42))
+    assert reminder_window(30, day(12), day(11)) is None  # a sweep "in the past" finds nothing
+    # An end that a renewal moved into an already swept span is not reminded again at the
+    # thresholds already passed: it is met at the next, smaller one.
+    assert reminder_window(7, day(12), day(13)) == (day(19), day(20))

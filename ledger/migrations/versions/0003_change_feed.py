@@ -1,4 +1,5 @@
-"""The change feed: ``ledger_changes`` (append-only) and its position counter.
+"""The change feed: ``ledger_changes`` (append-only), its position counter, and how far the
+renewal reminders have been swept.
 
 Revision ID: 0003
 Revises: 0002
@@ -48,6 +49,11 @@ def upgrade() -> None:
         sa.Column("position", sa.BigInteger(), nullable=False),
     )
     op.execute("INSERT INTO ledger_feed_head (id, position) VALUES (1, 0)")
+    op.create_table(
+        "renewal_marks",
+        sa.Column("threshold_days", sa.Integer(), primary_key=True, autoincrement=False),
+        sa.Column("swept_until", sa.DateTime(timezone=True), nullable=True),
+    )
     _create_append_only_triggers()
 
 
@@ -91,6 +97,7 @@ def downgrade() -> None:
     else:
         op.execute("DROP TRIGGER IF EXISTS ledger_changes_no_update")
         op.execute("DROP TRIGGER IF EXISTS ledger_changes_no_delete")
+    op.drop_table("renewal_marks")
     op.drop_table("ledger_feed_head")
     op.drop_index("ix_ledger_changes_instance_id", table_name="ledger_changes")
     op.drop_table("ledger_changes")
