@@ -45,6 +45,8 @@ __all__ = [
     "SequencerGate",
     "ServiceNumberRow",
     "UTCDateTime",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "core_table",
     "utcnow",
 ]
@@ -311,6 +313,62 @@ class RenewalMark(SQLModel, table=True):
     swept_until: datetime | None = Field(
         default=None, sa_column=Column("swept_until", UTCDateTime(), nullable=True)
     )
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """A registered receiver of the feed (docs/changes.md): its own cursor, its retry state,
+    and a lease so that one deliverer at a time works on it (which keeps its order)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column("id", _bigint_pk(), primary_key=True, autoincrement=True),
+    )
+    url: str = Field(sa_column=Column("url", Text(), nullable=False))
+    # The HMAC key: kept as it is, since signing needs it (the database is trusted like the
+    # API tokens' environment).
+    secret: str = Field(max_length=128)
+    kinds: list[str] = Field(
+        default_factory=list, sa_column=Column("kinds", _json(), nullable=False)
+    )
+    enabled: bool = True
+    created_at: datetime = Field(sa_column=Column("created_at", UTCDateTime(), nullable=False))
+    # The last position delivered (or passed over: a kind it does not want).
+    cursor: int = Field(sa_column=Column("cursor", BigInteger(), nullable=False))
+    failures: int = 0  # consecutive failed attempts at the change after ``cursor``
+    failing_since: datetime | None = Field(
+        default=None, sa_column=Column("failing_since", UTCDateTime(), nullable=True)
+    )
+    next_attempt_at: datetime = Field(
+        sa_column=Column("next_attempt_at", UTCDateTime(), nullable=False)
+    )
+    last_status: int | None = None
+    last_error: str | None = Field(default=None, sa_column=Column("last_error", Text()))
+    disabled_reason: str | None = Field(default=None, max_length=200)
+    lease_token: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = Field(
+        default=None, sa_column=Column("lease_until", UTCDateTime(), nullable=True)
+    )
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One delivery attempt: the delivery log of an endpoint."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column("id", _bigint_pk(), primary_key=True, autoincrement=True),
+    )
+    endpoint_id: int = Field(sa_column=Column("endpoint_id", BigInteger(), nullable=False))
+    position: int = Field(sa_column=Column("position", BigInteger(), nullable=False))
+    attempt: int
+    status: int | None = None  # the HTTP status, None when no answer came
+    error: str | None = Field(default=None, sa_column=Column("error", Text()))
+    duration_ms: int
+    attempted_at: datetime = Field(sa_column=Column("attempted_at", UTCDateTime(), nullable=False))
 
 
 def core_table(model: type[SQLModel]) -> Table:

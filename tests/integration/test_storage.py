@@ -70,6 +70,15 @@ SCHEMA: dict[str, set[str]] = {
     },
     "ledger_feed_head": {"id", "position"},
     "renewal_marks": {"threshold_days", "swept_until"},
+    "webhook_endpoints": {
+        "id", "url", "secret", "kinds", "enabled", "created_at", "cursor", "failures",
+        "failing_since", "next_attempt_at", "last_status", "last_error", "disabled_reason",
+        "lease_token", "lease_until",
+    },
+    "webhook_deliveries": {
+        "id", "endpoint_id", "position", "attempt", "status", "error", "duration_ms",
+        "attempted_at",
+    },
 }  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 """The change feed: ``ledger_changes`` (append-only), its position counter, and how far the
-renewal reminders have been swept.
+renewal reminders have been swept; webhook endpoints and their delivery log.
 
 Revision ID: 0003
 Revises: 0002
@@ -54,7 +54,45 @@ def upgrade() -> None:
         sa.Column("threshold_days", sa.Integer(), primary_key=True, autoincrement=False),
         sa.Column("swept_until", sa.DateTime(timezone=True), nullable=True),
     )
+    _create_webhook_tables()
     _create_append_only_triggers()
+
+
+def _create_webhook_tables() -> None:
+    ts = sa.DateTime(timezone=True)
+    bigint_pk = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+    op.create_table(
+        "webhook_endpoints",
+        sa.Column("id", bigint_pk, primary_key=True, autoincrement=True),
+        sa.Column("url", sa.Text(), nullable=False),
+        sa.Column("secret", sa.String(128), nullable=False),
+        sa.Column(
+            "kinds", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False
+        ),
+        sa.Column("enabled", sa.Boolean(), nullable=False),
+        sa.Column("created_at", ts, nullable=False),
+        sa.Column("cursor", sa.BigInteger(), nullable=False),
+        sa.Column("failures", sa.Integer(), nullable=False),
+        sa.Column("failing_since", ts, nullable=True),
+        sa.Column("next_attempt_at", ts, nullable=False),
+        sa.Column("last_status", sa.Integer(), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("disabled_reason", sa.String(200), nullable=True),
+        sa.Column("lease_token", sa.String(64), nullable=True),
+        sa.Column("lease_until", ts, nullable=True),
+    )
+    op.create_table(
+        "webhook_deliveries",
+        sa.Column("id", bigint_pk, primary_key=True, autoincrement=True),
+        sa.Column("endpoint_id", sa.BigInteger(), nullable=False),
+        sa.Column("position", sa.BigInteger(), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("status", sa.Integer(), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("duration_ms", sa.Integer(), nullable=False),
+        sa.Column("attempted_at", ts, nullable=False),
+    )
+    op.create_index("ix_webhook_deliveries_endpoint", "webhook_deliveries", ["endpoint_id", "id"])
 
 
 def _create_append_only_triggers() -> None:
@@ -97,6 +135,9 @@ def downgrade() -> None:
     else:
         op.execute("DROP TRIGGER IF EXISTS ledger_changes_no_update")
         op.execute("DROP TRIGGER IF EXISTS ledger_changes_no_delete")
+    op.drop_index("ix_webhook_deliveries_endpoint", table_name="webhook_deliveries")
+    op.drop_table("webhook_deliveries")
+    op.drop_table("webhook_endpoints")
     op.drop_table("renewal_marks")
     op.drop_table("ledger_feed_head")
     op.drop_index("ix_ledger_changes_instance_id", table_name="ledger_changes")
