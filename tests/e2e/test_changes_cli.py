@@ -82,3 +82,45 @@ def test_follow_prints_changes_as_they_commit(cli, db_url: str, tmp_path: Path) 
         (head + 1, "service_number.used"),
         (head + 2, "filing.accepted"),
     ]
+
+
+def test_webhooks_commands(cli, db_url: str, tmp_path: Path) -> None:
+    from ledger.webhooks import SIGNATURE_HEADER, verify_signature
+    from tests.integration.test_webhooks import Receiver
+
+    receiver = Receiver()
+    try:
+        proc = cli(
+            *("webhooks", "add", receiver.url, "--kind", "service_number.issued"),
+            *("--db", db_url, "--json"),
+        )
+        assert proc.returncode == 0, proc.stderr
+        endpoint = json.loads(proc.stdout)
+        assert endpoint["secret"].startswith("whsec_") and endpoint["cursor"] == 0
+        assert cli("webhooks", "add", "ftp://nowhere", "--db", db_url).returncode == 2
+
+        events = _write_jsonl(tmp_path / "events.jsonl", SCENARIO[:4])
+        assert cli("apply", str(events), "--db", db_url).returncode == 0
+        proc = cli("webhooks", "deliver", "--db", db_url, "--json")
+        assert json.loads(proc.stdout) == {
+            "endpoints": 1,
+            "delivered": 1,
+            "failed": 0,
+            "disabled": [],
+        }
+        ((headers, body),) = receiver.accepted()
+        assert json.loads(body)["kind"] == "service_number.issued"
+        assert verify_signature(
+            endpoint["secret"], headers[SIGNATURE_HEADER], body, now=int(time.time())
+        )
+        (listed,) = json.loads(cli("webhooks", "list", "--db", db_url, "--json").stdout)
+        head = len(_lines(cli("changes", "--db", db_url, "--json")))
+        assert "secret" not in listed and listed["cursor"] == head  # passed over other kinds
+        (attempt,) = json.loads(
+            cli("webhooks", "log", str(endpoint["id"]), "--db", db_url, "--json").stdout
+        )
+        assert (attempt["status"], attempt["attempt"]) == (200, 1)
+        assert cli("webhooks", "remove", str(endpoint["id"]), "--db", db_url).returncode == 0
+        assert cli("webhooks", "remove", str(endpoint["id"]), "--db", db_url).returncode == 1
+    finally:
+        receiver.close()
