@@ -19,6 +19,10 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
+
+from events import iso_utc
+from ledger.changes import CHANGE_KINDS
 
 __all__ = [
     "DEFAULT_TOLERANCE_S",
@@ -26,6 +30,9 @@ __all__ = [
     "SIGNATURE_HEADER",
     "backoff_seconds",
     "delivery_body",
+    "delivery_view",
+    "endpoint_problem",
+    "endpoint_view",
     "given_up",
     "new_secret",
     "sign",
@@ -105,3 +112,58 @@ def wants(kinds: Iterable[str], kind: str) -> bool:
     """An endpoint registered with no kinds wants every kind."""
     chosen = list(kinds)
     return not chosen or kind in chosen
+
+
+def endpoint_problem(url: str, kinds: Iterable[str]) -> str | None:
+    """Why an endpoint can never work, or None: a URL that is not http(s) with a host (or is
+    over 2,000 characters), an unknown change kind."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url[:200]!r} is not an http:// or https:// URL with a host"
+    if len(url) > 2000:
+        return "the URL is over 2,000 characters"
+    unknown = sorted(set(kinds) - set(CHANGE_KINDS))
+    if unknown:
+        return f"unknown change kind {', '.join(unknown)[:200]} (docs/changes.md lists them)"
+    return None
+
+
+def endpoint_view(row: Mapping[str, Any], *, with_secret: bool = False) -> dict[str, Any]:
+    """An endpoint as the CLI and the API show it; the secret only when it is created."""
+
+    def time(value: datetime | None) -> str | None:
+        return iso_utc(value) if value is not None else None
+
+    view = {
+        "id": row["id"],
+        "url": row["url"],
+        "kinds": list(row["kinds"]),
+        "enabled": row["enabled"],
+        "cursor": row["cursor"],
+        "failures": row["failures"],
+        "failing_since": time(row["failing_since"]),
+        "next_attempt_at": time(row["next_attempt_at"]),
+        "last_status": row["last_status"],
+        "last_error": row["last_error"],
+        "disabled_reason": row["disabled_reason"],
+        "created_at": time(row["created_at"]),
+    }
+    if with_secret:
+        view["secret"] = row["secret"]
+    return view
+
+
+def delivery_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One attempt of the delivery log."""
+    return {
+        "id": row["id"],
+        "position": row["position"],
+        "attempt": row["attempt"],
+        "status": row["status"],
+        "error": row["error"],
+        "duration_ms": row["duration_ms"],
+        "attempted_at": iso_utc(row["attempted_at"]),
+    }

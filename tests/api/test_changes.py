@@ -92,3 +92,45 @@ def test_metrics_show_the_feed_position(client, engine: Engine) -> None:
     head = len(changes_after(engine, after=0, limit=1000))
     text = client.get("/metrics").text
     assert f"quota_ledger_feed_position {float(head)}" in text
+
+
+# --- webhook endpoints (admin scope) -------------------------------------------------------------
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def test_webhook_endpoints_need_the_admin_scope(make_client, engine: Engine) -> None:
+    from tests.api.helpers import API_TOKENS
+
+    client = make_client(api_tokens=f"{API_TOKENS},admin:{ADMIN_TOKEN}")
+    hook = {"url": "https://hooks.example.com/x", "kinds": ["filing.accepted"]}
+    assert client.post("/v1/webhooks", json=hook).status_code == 401
+    assert client.post("/v1/webhooks", json=hook, headers=READ).status_code == 403
+    assert client.get("/v1/webhooks", headers=INGEST).status_code == 403
+
+    created = client.post("/v1/webhooks", json=hook, headers=ADMIN)
+    assert created.status_code == 201
+    endpoint = created.json()
+    assert endpoint["secret"].startswith("whsec_") and endpoint["kinds"] == ["filing.accepted"]
+    doc = client.get("/openapi.json").json()
+    content = doc["paths"]["/v1/webhooks"]["post"]["responses"]["201"]["content"]
+    schema = {**content["application/json"]["schema"], "components": doc["components"]}
+    jsonschema.validate(endpoint, schema, cls=jsonschema.Draft202012Validator)
+
+    for bad in (
+        {"url": "ftp://x"},
+        {"url": "https://x", "kinds": ["nope"]},
+        {"url": "https://x", "extra": 1},
+        {},
+    ):
+        response = client.post("/v1/webhooks", json=bad, headers=ADMIN)
+        assert response.status_code == 422, bad
+
+    (listed,) = client.get("/v1/webhooks", headers=ADMIN).json()
+    assert "secret" not in listed and listed["id"] == endpoint["id"]
+    deliveries = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries", headers=ADMIN)
+    assert deliveries.status_code == 200 and deliveries.json() == []
+    assert client.delete(f"/v1/webhooks/{endpoint['id']}", headers=ADMIN).status_code == 204
+    assert client.delete(f"/v1/webhooks/{endpoint['id']}", headers=ADMIN).status_code == 404
+    assert client.get("/v1/webhooks", headers=ADMIN).json() == []

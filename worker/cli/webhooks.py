@@ -4,52 +4,22 @@ database's URL are the admins here; the HTTP API offers the same to the ``admin`
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-from urllib.parse import urlsplit
+from typing import Annotated
 
 import typer
 
+from ledger.webhooks import delivery_view, endpoint_view
 from worker.cli.options import DbOption, JsonOption, UserError, guarded, print_json, runtime
 
 webhooks_app = typer.Typer(no_args_is_help=True, help="Webhook endpoints of the change feed.")
 
 
-def endpoint_view(row: dict[str, Any], *, with_secret: bool = False) -> dict[str, Any]:
-    """An endpoint as the CLI and the API show it; the secret only when it is created."""
-    from events import iso_utc
-
-    def time(value: Any) -> str | None:
-        return iso_utc(value) if value is not None else None
-
-    view = {
-        "id": row["id"],
-        "url": row["url"],
-        "kinds": row["kinds"],
-        "enabled": row["enabled"],
-        "cursor": row["cursor"],
-        "failures": row["failures"],
-        "failing_since": time(row["failing_since"]),
-        "next_attempt_at": time(row["next_attempt_at"]),
-        "last_status": row["last_status"],
-        "last_error": row["last_error"],
-        "disabled_reason": row["disabled_reason"],
-        "created_at": time(row["created_at"]),
-    }
-    if with_secret:
-        view["secret"] = row["secret"]
-    return view
-
-
 def check_endpoint(url: str, kinds: list[str]) -> None:
-    """Refuse what can never work: a URL that is not http(s) with a host, an unknown kind."""
-    from ledger.changes import CHANGE_KINDS
+    from ledger.webhooks import endpoint_problem
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2000:
-        raise UserError(f"{url!r} is not an http:// or https:// URL with a host")
-    unknown = sorted(set(kinds) - set(CHANGE_KINDS))
-    if unknown:
-        raise UserError(f"unknown change kind {', '.join(unknown)} (docs/changes.md lists them)")
+    problem = endpoint_problem(url, kinds)
+    if problem is not None:
+        raise UserError(problem)
 
 
 @webhooks_app.command("add")
@@ -140,15 +110,11 @@ def log(
     as_json: JsonOption = False,
 ) -> None:
     """An endpoint's latest delivery attempts, newest first."""
-    from events import iso_utc
     from ledger.store.webhooks import delivery_log
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine:
-        rows = [
-            {**row, "attempted_at": iso_utc(row["attempted_at"])}
-            for row in delivery_log(engine, endpoint_id, limit=limit)
-        ]
+        rows = [delivery_view(row) for row in delivery_log(engine, endpoint_id, limit=limit)]
     if run.json:
         print_json(rows)
         return
