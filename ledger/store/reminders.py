@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import exists, select, text
+from sqlalchemy import ColumnElement, exists, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
@@ -23,7 +24,7 @@ from ledger.db import is_postgres
 from ledger.store.feed import append_changes
 from ledger.tables import FilingRow, InstanceRow, RenewalMark, ServiceNumberRow, core_table
 
-__all__ = ["due_renewals", "remind_renewals"]
+__all__ = ["due_renewals", "holds_numbers_or_filings", "remind_renewals"]
 
 _INSTANCES = core_table(InstanceRow).c
 _NUMBERS = core_table(ServiceNumberRow).c
@@ -32,17 +33,19 @@ _MARKS = core_table(RenewalMark)
 _PAGE = 1000
 
 
+def holds_numbers_or_filings(instance_id: Any) -> ColumnElement[bool]:
+    """The instance holds an active service number or an accepted filing: what makes a
+    renewal reminder worth sending (``instance_id``: the outer query's column)."""
+    numbers = exists().where(_NUMBERS.instance_id == instance_id, _NUMBERS.status == "active")
+    filings = exists().where(_FILINGS.instance_id == instance_id, _FILINGS.status == "accepted")
+    return numbers | filings
+
+
 def due_renewals(
     connection: Connection, *, lo: datetime, hi: datetime
 ) -> list[tuple[str, datetime]]:
     """Active subscriptions ending in ``(lo, hi]`` that hold an active service number or an
     accepted filing, by (expires_at, instance_id), read in keyset pages."""
-    holds = exists().where(
-        _NUMBERS.instance_id == _INSTANCES.instance_id, _NUMBERS.status == "active"
-    )
-    files = exists().where(
-        _FILINGS.instance_id == _INSTANCES.instance_id, _FILINGS.status == "accepted"
-    )
     due: list[tuple[str, datetime]] = []
     after: tuple[datetime, str] | None = None
     while True:
@@ -53,7 +56,7 @@ def due_renewals(
                 _INSTANCES.billing_method == "subscription",
                 _INSTANCES.expires_at > lo,
                 _INSTANCES.expires_at <= hi,
-                holds | files,
+                holds_numbers_or_filings(_INSTANCES.instance_id),
             )
             .order_by(_INSTANCES.expires_at, _INSTANCES.instance_id)
             .limit(_PAGE)

@@ -36,6 +36,12 @@ def test_a_consumer_resumes_from_its_cursor(cli, db_url: str, tmp_path: Path) ->
         cursor_file.write_text(str(page[-1]["position"]))
     assert seen == everything
 
+    # i-good and i-nat hold numbers; i-nat ends 2026-02-01, i-good 2027-01-01.
+    due = cli(
+        "instances", "--renewal-due", "--at", "2026-01-10T00:00:00Z", "--db", db_url, "--json"
+    )
+    assert [row["instance_id"] for row in json.loads(due.stdout)] == ["i-nat"]
+
     human = cli("changes", "--after", "2", "--limit", "1", "--db", db_url)
     assert human.returncode == 0 and human.stdout.split()[0] == "3"
     assert cli("changes", "--after", "-1", "--db", db_url).returncode == 2

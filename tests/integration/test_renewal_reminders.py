@@ -77,3 +77,23 @@ def test_the_in_memory_twin_agrees() -> None:
         ledger.sweep(now=day(moment))
     reminders = [c for c in storage.changes if c.kind == "instance.renewal_due"]
     assert [c.data["threshold_days"] for c in reminders] == [30, 7, 1]
+
+
+def test_instances_renewal_due_lists_what_the_reminders_are_about(any_ledger: Harness) -> None:
+    from sqlmodel import Session
+
+    from ledger.queries import list_instances
+
+    ev = Events()
+    any_ledger.apply(ev.purchase("soon", expires=100), ev.request("soon", at=10))
+    any_ledger.apply(ev.purchase("later", expires=200), ev.request("later", at=10))
+    any_ledger.apply(ev.purchase("empty", expires=100))
+    with Session(any_ledger.engine) as session:
+
+        def due(at: float) -> list[str]:
+            rows = list_instances(session, policy=any_ledger.policy, at=day(at), renewal_due=True)
+            return [row["instance_id"] for row in rows]
+
+        assert due(60) == []
+        assert due(75) == ["soon"]
+        assert due(175) == ["later"]  # "soon" has ended: the sweep's business now

@@ -190,10 +190,18 @@ def instances(
         str | None,
         typer.Option("--at", metavar="T", help="Evaluate eligibility at T; default now."),
     ] = None,
+    renewal_due: Annotated[
+        bool,
+        typer.Option(
+            "--renewal-due",
+            help="Only active subscriptions with numbers or filings that end within the "
+            "policy's largest renewal reminder threshold of T.",
+        ),
+    ] = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List instances, filtered by eligibility at T, product type and expiry."""
+    """List instances, filtered by eligibility at T, product type, expiry, renewal due."""
     from sqlmodel import Session
 
     from ledger.queries import list_instances
@@ -210,6 +218,7 @@ def instances(
             eligibility=eligibility.value if eligibility is not None else None,
             product=product.value if product is not None else None,
             expiring_before=before,
+            renewal_due=renewal_due,
         )
     if run.json:
         print_json(rows)
