@@ -134,3 +134,23 @@ def test_webhook_endpoints_need_the_admin_scope(make_client, engine: Engine) -> 
     assert client.delete(f"/v1/webhooks/{endpoint['id']}", headers=ADMIN).status_code == 204
     assert client.delete(f"/v1/webhooks/{endpoint['id']}", headers=ADMIN).status_code == 404
     assert client.get("/v1/webhooks", headers=ADMIN).json() == []
+
+
+def test_the_ops_page_lists_instances_due_for_renewal(client, engine: Engine) -> None:
+    from datetime import timedelta
+
+    from events import iso_utc
+    from ledger.clock import utcnow
+    from tests.api.helpers import ui_login as login
+
+    ev, now = Events("renew"), utcnow()
+    purchase = ev.purchase("i-renew-soon", "virtual_host")
+    purchase.update(occurred_at=iso_utc(now - timedelta(days=300)))
+    purchase.update(expires_at=iso_utc(now + timedelta(days=10)))
+    request = ev.request("i-renew-soon")
+    request["occurred_at"] = iso_utc(now - timedelta(days=1))
+    Ledger(engine, load_policy()).apply([parse_event_obj(purchase), parse_event_obj(request)])
+    login(client)
+    page = client.get("/ui/")
+    assert page.status_code == 200
+    assert "Due for renewal" in page.text and "/ui/instances/i-renew-soon" in page.text
