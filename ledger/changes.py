@@ -58,6 +58,19 @@ CHANGE_KINDS: tuple[str, ...] = (
 )
 
 
+#: The entry types that can change an instance's status or eligibility: the facts (SPEC §6).
+_FACT_TYPES = frozenset(
+    {
+        "instance.purchased",
+        "instance.renewed",
+        "instance.billing_converted",
+        "instance.bandwidth_changed",
+        "instance.expired",
+        "instance.released",
+    }
+)
+
+
 @dataclass(frozen=True)
 class Change:
     """One change of meaning, before the store gives it a position."""
@@ -135,6 +148,10 @@ def derive_changes(
             )
         elif previous.status != filing.status:
             changes.append(change("filing.withdrawn", filing_id=filing_id))
+    if entry["type"] not in _FACT_TYPES:
+        # Numbers and filings never change an instance's status or eligibility (SPEC §4): skip
+        # evaluating them twice on the hot path of requests and filings.
+        return changes
     if before.status != after.status:
         changes.append(
             change("instance.status_changed", **{"from": before.status}, to=after.status)

@@ -37,6 +37,14 @@ def test_folding_the_feed_reproduces_every_number_and_filing(events, batch) -> N
     }
     assert folded.numbers == numbers
     assert folded.filings == filings
+    # The last status change of each instance names its status now (unknown: none at all).
+    statuses: dict[str | None, str] = {}
+    for change in changes:
+        if change.kind == "instance.status_changed":
+            assert change.data["from"] == statuses.get(change.instance_id, "unknown")
+            statuses[change.instance_id] = change.data["to"]
+    for instance_id, state in model.states.items():
+        assert statuses.get(instance_id, "unknown") == state.status
     # Every change that names an entry names one that exists, of its instance, at its place.
     entries = {e["event_id"]: e for e in model.storage.entries}
     for change in changes:
