@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -231,28 +232,51 @@ WHERE status = 'active' AND billing_method = 'subscription' AND expires_at <= :n
 ORDER BY expires_at, instance_id LIMIT 500"""
 
 
-def _sweep_once(url: str, policy: Policy, expected: int) -> tuple[float, str]:
+def _count_reminders(engine: Any) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM ledger_changes WHERE kind = 'instance.renewal_due'")
+            ).scalar_one()
+        )
+
+
+def _sweep_once(url: str, policy: Policy, expected: int) -> tuple[float, str, int]:
+    """One sweep as of NOW, timed: the expiries and the renewal reminders. The reminders are
+    measured in their steady state, the previous sweep one interval ago (its marks are set
+    so): each sweep reads only the ends whose threshold crossing fell since then."""
     with engine_for(url) as engine:
         with engine.connect() as conn:
             plan = "\n".join(conn.execute(text(SWEEP_QUERY_PLAN), {"now": data.NOW}).scalars())
+        previous = data.NOW - timedelta(seconds=get_settings().sweep_interval)
+        with engine.begin() as conn:
+            for days in policy.renewal_reminder_days:
+                conn.execute(
+                    text(
+                        "INSERT INTO renewal_marks (threshold_days, swept_until) VALUES (:d, :t)"
+                        " ON CONFLICT (threshold_days) DO UPDATE SET swept_until = :t"
+                    ),
+                    {"d": days, "t": previous},
+                )
         started = time.perf_counter()
         expired = Ledger(engine, policy).sweep(
             now=data.NOW, chunk_size=get_settings().sweep_chunk_size
         )
         seconds = time.perf_counter() - started
+        reminders = _count_reminders(engine)
     if expired != expected:
         raise RuntimeError(f"sweep expired {expired} instances, expected {expected}")
-    return seconds, plan
+    return seconds, plan, reminders
 
 
 def sweep(ctx: Context) -> Result:
     large = ctx.large()
     ctx.log(f"sweep: {large.due:,} due among {large.instances:,} instances …")
-    big_seconds, big_plan = _sweep_once(large.url, ctx.policy, large.due)
+    big_seconds, big_plan, big_reminders = _sweep_once(large.url, ctx.policy, large.due)
     ctx.log(f"  {big_seconds:.2f} s; baseline: {large.due:,} due among {large.instances // 10:,}")
     small = ctx.load(max(large.instances // 10, large.due), large.due)
     try:
-        small_seconds, _ = _sweep_once(small.url, ctx.policy, small.due)
+        small_seconds, _, small_reminders = _sweep_once(small.url, ctx.policy, small.due)
     finally:
         ctx.postgres.drop(small.url)
     ratio = big_seconds / small_seconds
@@ -267,11 +291,13 @@ def sweep(ctx: Context) -> Result:
             "expired_per_s": round(rate(large.due, big_seconds)),
             "uses_ix_instances_sweep": "ix_instances_sweep" in big_plan,
             "plan": big_plan,
+            "renewal_reminders": big_reminders,
         },
         {
             "what": f"{small.due:,} due among {small.instances:,} instances",
             "instances": small.instances,
             "seconds": round(small_seconds, 3),
+            "renewal_reminders": small_reminders,
         },
         ratio,
         "ratio ≤ 1.5",

@@ -23,7 +23,7 @@ from itertools import groupby, islice
 from operator import itemgetter
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col
 
@@ -34,10 +34,43 @@ from ledger.db import id_in, is_postgres, lock_instances
 from ledger.rules import fold
 from ledger.state import InstanceState
 from ledger.store.rows import filing_row_values, instance_row_values, number_row_values
-from ledger.tables import FilingRow, InstanceRow, LedgerEntry, ServiceNumberRow, core_table
+from ledger.tables import (
+    FeedHead,
+    FilingRow,
+    InstanceRow,
+    LedgerChange,
+    LedgerEntry,
+    ServiceNumberRow,
+    core_table,
+)
 
 Progress = Callable[[int], None]
 _PAGE = 500
+
+
+@dataclass
+class FeedReport:
+    """The change feed against the ledger: positions 1..``position`` all present (``gaps`` =
+    how many are missing), and every change that names an entry names one the ledger holds
+    (``orphans``: positions of those that do not, at most 100)."""
+
+    changes: int = 0
+    position: int = 0
+    gaps: int = 0
+    orphans: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.gaps and not self.orphans
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "changes": self.changes,
+            "position": self.position,
+            "gaps": self.gaps,
+            "orphans": self.orphans,
+        }
 
 
 @dataclass
@@ -45,13 +78,15 @@ class VerifyReport:
     entries: int = 0
     instances: int = 0
     broken: list[str] = field(default_factory=list)
+    feed: FeedReport = field(default_factory=FeedReport)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "ok": not self.broken,
+            "ok": not self.broken and self.feed.ok,
             "entries": self.entries,
             "instances": self.instances,
             "broken": sorted(self.broken),
+            "feed": self.feed.to_json(),
         }
 
 
@@ -177,7 +212,48 @@ def verify(engine: Engine, *, progress: Progress | None = None) -> VerifyReport:
         orphans = _orphan_heads(session, seen)
     report.broken.extend(orphans)
     report.instances = len(seen) + len(orphans)
+    report.feed, feed_broken = verify_feed(engine)
+    # An instance whose change names an entry it no longer has lost that entry: broken too.
+    report.broken.extend(sorted(set(feed_broken) - set(report.broken)))
     return report
+
+
+_ORPHANS_SHOWN = 100
+
+
+def verify_feed(engine: Engine) -> tuple[FeedReport, list[str]]:
+    """Check the change feed (docs/changes.md) against the ledger and its counter; returns the
+    report and the instances named by orphan changes. A count, and an anti join on the
+    unique ``event_id``."""
+    changes_table, entries_table = core_table(LedgerChange), core_table(LedgerEntry)
+    changes, entries = changes_table.c, entries_table.c
+    with Session(engine) as session:
+        connection = session.connection()
+        count, top = connection.execute(
+            select(func.count(), func.coalesce(func.max(changes.position), 0))
+        ).one()
+        head = connection.execute(select(core_table(FeedHead).c.position)).scalar_one_or_none()
+        orphan_rows = connection.execute(
+            select(changes.position, changes.instance_id)
+            .select_from(changes_table)
+            .outerjoin(entries_table, entries.event_id == changes.event_id)
+            .where(
+                changes.event_id.is_not(None),
+                (entries.seq.is_(None))
+                | (entries.instance_id != changes.instance_id)
+                | (entries.instance_seq != changes.instance_seq),
+            )
+            .order_by(changes.position)
+        ).all()
+    position = int(head or 0)
+    report = FeedReport(
+        changes=int(count),
+        position=position,
+        # Missing positions below the counter, or rows above it (written around the counter).
+        gaps=max(position, int(top)) - int(count),
+        orphans=[int(p) for p, _ in orphan_rows[:_ORPHANS_SHOWN]],
+    )
+    return report, sorted({iid for _, iid in orphan_rows if iid is not None})
 
 
 def fold_entries(instance_id: str, rows: list[Any]) -> InstanceState:

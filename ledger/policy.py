@@ -60,6 +60,16 @@ class Policy(BaseModel):
     version: str = Field(min_length=1, max_length=64)
     regions: RegionPolicy = RegionPolicy()
     products: dict[str, ProductPolicy]
+    # Days of remaining term at which the sweep reminds (``instance.renewal_due`` changes) an
+    # instance that holds active numbers or accepted filings. Decides nothing: no version bump.
+    renewal_reminder_days: tuple[int, ...] = Field(default=(30, 7, 1), max_length=16)
+
+    @model_validator(mode="after")
+    def _reminder_days_are_positive_and_distinct(self) -> Policy:
+        days = self.renewal_reminder_days
+        if any(day < 1 or day > 3660 for day in days) or len(set(days)) != len(days):
+            raise ValueError("renewal_reminder_days: distinct whole days from 1 to 3660")
+        return self
 
     @model_validator(mode="after")
     def _covers_every_product_type(self) -> Policy:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -12,6 +12,7 @@ from sqlmodel import Session, col
 from ledger.policy import Policy
 from ledger.state import InstanceState, state_from_json
 from ledger.store.parking import list_parked, parked_counts
+from ledger.store.reminders import holds_numbers_or_filings
 from ledger.tables import (
     DeadLetter,
     InstanceRow,
@@ -80,6 +81,7 @@ def iter_instances(
     expiring_before: datetime | None = None,
     after: str | None = None,
     limit: int | None = None,
+    renewal_due: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """``instances`` rows ordered by instance id; ``after``/``limit`` page through them.
 
@@ -97,6 +99,17 @@ def iter_instances(
         query = query.where(col(InstanceRow.expires_at) < expiring_before)
     if after is not None:
         query = query.where(col(InstanceRow.instance_id) > after)
+    if renewal_due:
+        # Due for renewal at ``at``: an active subscription holding numbers or filings whose
+        # end is within the policy's largest reminder threshold (docs/changes.md).
+        horizon = at + timedelta(days=max(policy.renewal_reminder_days, default=0))
+        query = query.where(
+            col(InstanceRow.status) == "active",
+            col(InstanceRow.billing_method) == "subscription",
+            col(InstanceRow.expires_at) > at,
+            col(InstanceRow.expires_at) <= horizon,
+            holds_numbers_or_filings(col(InstanceRow.instance_id)),
+        )
     produced = 0
     for row in session.execute(query.execution_options(yield_per=500)).scalars():
         summary = instance_summary(state_from_json(row.state), policy, at)

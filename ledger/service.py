@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from events import Event, EventRejection, canonical_payload, parse_event
+from ledger.changes import Change, dead_letter_change, derive_changes
 from ledger.clock import utcnow
 from ledger.entries import record
 from ledger.gating import plan
@@ -164,6 +165,7 @@ class Ledger:
         work = plan(store, items, raws, tags, gates, checked, results, refuse, self.max_parked)
 
         entries: list[dict[str, Any]] = []
+        changes: list[Change] = []  # the feed's records of this transaction, in apply order
         released: list[ApplyResult] = []
         priors = store.priors(event.event_id for _, event, _ in work.apply)
         for order, event, raw_text in work.apply:
@@ -176,15 +178,17 @@ class Ledger:
             if prior is not None:
                 result = prior.answer(event.event_id)
             else:
+                before = states[event.instance_id]
                 try:
-                    entry, states[event.instance_id] = self._record(
-                        states[event.instance_id], event, payload, now
-                    )
+                    entry, after = self._record(before, event, payload, now)
+                    # Derived before anything is kept, so a defect here refuses the event whole.
+                    changes += derive_changes(before, after, entry, self.policy)
                 except Exception as exc:  # a defect must not take the batch down with it
                     log.exception("processing_error for event %s", event.event_id)
                     error = f"{type(exc).__name__}: {exc}"
                     refuse(order, "processing_error", error, event.event_id, raw_text or payload)
                     continue
+                states[event.instance_id] = after
                 entries.append(entry)
                 reasons = tuple(entry["reasons"])
                 priors[event.event_id] = Prior(
@@ -203,6 +207,10 @@ class Ledger:
                 released.append(result)
 
         letters.sort(key=lambda pair: pair[0])
+        dead = [
+            dead_letter_change(code=row["code"], event_id=row["event_id"], received_at=now)
+            for _, row in letters
+        ]
         store.save(
             dead_letters=[row for _, row in letters],
             entries=entries,
@@ -211,6 +219,7 @@ class Ledger:
             gates=gates.values(),
             parked=work.parked,
             released=work.released,
+            changes=dead + changes,
         )
         skipped = sum(gate.skipped for gate in gates.values())
         if skipped and self.on_gaps_skipped is not None:
@@ -259,4 +268,16 @@ class Ledger:
             events = [sweep_expiry(instance_id, expires_at) for instance_id, expires_at in due]
             expired += sum(1 for r in self.apply(events) if r.outcome == "applied")
             after = (due[-1][1], due[-1][0])
+        self.remind_renewals(now=now)
         return expired
+
+    def remind_renewals(self, *, now: datetime) -> int:
+        """The sweep's second job: ``instance.renewal_due`` changes for active subscriptions
+        holding numbers or filings whose remaining term crossed a threshold of the policy
+        (``renewal_reminder_days``) since the last sweep; returns how many (docs/changes.md)."""
+        thresholds = self.policy.renewal_reminder_days
+        if not thresholds:
+            return 0
+        return self.storage.remind_renewals(
+            now=now, thresholds=thresholds, recorded_at=self.clock()
+        )

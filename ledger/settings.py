@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=300.0, gt=0)
     # How many due instances one sweep transaction expires.
     sweep_chunk_size: int = Field(default=500, ge=1)
+    # Seconds between two beat-scheduled webhook delivery passes (docs/changes.md).
+    webhook_interval: float = Field(default=5.0, gt=0)
+    # An endpoint that has failed every attempt for this many days is disabled.
+    webhook_disable_after_days: float = Field(default=3.0, gt=0)
     # ``scope:token`` pairs, comma separated (scopes: read, ingest, metrics). A SecretStr, so
     # that a repr of the settings, a validation error or a debugger never shows the tokens.
     api_tokens: SecretStr = SecretStr("")

@@ -35,13 +35,18 @@ from ledger.clock import utcnow
 
 __all__ = [
     "DeadLetter",
+    "FeedHead",
     "FilingRow",
     "InstanceRow",
+    "LedgerChange",
     "LedgerEntry",
     "ParkedEvent",
+    "RenewalMark",
     "SequencerGate",
     "ServiceNumberRow",
     "UTCDateTime",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "core_table",
     "utcnow",
 ]
@@ -257,6 +262,115 @@ class ParkedEvent(SQLModel, table=True):
     parked_at: datetime = Field(
         sa_column=Column("parked_at", UTCDateTime(), nullable=False, index=True)
     )
+
+
+# --- the change feed (docs/changes.md; ledger/changes.py) ----------------------------------------
+
+
+class LedgerChange(SQLModel, table=True):
+    """One change of meaning, append-only like the ledger (triggers refuse UPDATE, DELETE and
+    TRUNCATE). ``position`` is gap-free and increases in commit order (``FeedHead``), so a
+    consumer that has read up to ``p`` only ever needs ``position > p``."""
+
+    __tablename__ = "ledger_changes"
+
+    # Assigned from ``ledger_feed_head`` in the writing transaction, never by a sequence (a
+    # sequence leaves gaps on rollback and hands out numbers out of commit order).
+    position: int = Field(
+        sa_column=Column("position", BigInteger(), primary_key=True, autoincrement=False)
+    )
+    kind: str = Field(max_length=64)  # service_number.issued, filing.accepted, …
+    # The instance and the entry that caused the change; NULL for a dead letter (no entry) and
+    # for a renewal reminder (caused by the clock, not by an entry).
+    instance_id: str | None = Field(default=None, max_length=128, index=True)
+    event_id: str | None = Field(default=None, max_length=200)
+    instance_seq: int | None = None
+    occurred_at: datetime = Field(sa_column=Column("occurred_at", UTCDateTime(), nullable=False))
+    recorded_at: datetime = Field(sa_column=Column("recorded_at", UTCDateTime(), nullable=False))
+    data: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column("data", _json(), nullable=False)
+    )
+
+
+class FeedHead(SQLModel, table=True):
+    """The feed's single counter row (``id`` = 1): the last position handed out. Every writing
+    transaction updates it just before commit, so its row lock orders the feed's writers."""
+
+    __tablename__ = "ledger_feed_head"
+
+    id: int = Field(sa_column=Column("id", Integer(), primary_key=True, autoincrement=False))
+    position: int = Field(sa_column=Column("position", BigInteger(), nullable=False))
+
+
+class RenewalMark(SQLModel, table=True):
+    """How far the renewal reminders of one threshold have been swept (``swept_until``): the
+    next sweep reads only the ends whose crossing came after it."""
+
+    __tablename__ = "renewal_marks"
+
+    threshold_days: int = Field(
+        sa_column=Column("threshold_days", Integer(), primary_key=True, autoincrement=False)
+    )
+    # NULL until the first sweep with this threshold has committed.
+    swept_until: datetime | None = Field(
+        default=None, sa_column=Column("swept_until", UTCDateTime(), nullable=True)
+    )
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """A registered receiver of the feed (docs/changes.md): its own cursor, its retry state,
+    and a lease so that one deliverer at a time works on it (which keeps its order)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column("id", _bigint_pk(), primary_key=True, autoincrement=True),
+    )
+    url: str = Field(sa_column=Column("url", Text(), nullable=False))
+    # The HMAC key: kept as it is, since signing needs it (the database is trusted like the
+    # API tokens' environment).
+    secret: str = Field(max_length=128)
+    kinds: list[str] = Field(
+        default_factory=list, sa_column=Column("kinds", _json(), nullable=False)
+    )
+    enabled: bool = True
+    created_at: datetime = Field(sa_column=Column("created_at", UTCDateTime(), nullable=False))
+    # The last position delivered (or passed over: a kind it does not want).
+    cursor: int = Field(sa_column=Column("cursor", BigInteger(), nullable=False))
+    failures: int = 0  # consecutive failed attempts at the change after ``cursor``
+    failing_since: datetime | None = Field(
+        default=None, sa_column=Column("failing_since", UTCDateTime(), nullable=True)
+    )
+    next_attempt_at: datetime = Field(
+        sa_column=Column("next_attempt_at", UTCDateTime(), nullable=False)
+    )
+    last_status: int | None = None
+    last_error: str | None = Field(default=None, sa_column=Column("last_error", Text()))
+    disabled_reason: str | None = Field(default=None, max_length=200)
+    lease_token: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = Field(
+        default=None, sa_column=Column("lease_until", UTCDateTime(), nullable=True)
+    )
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One delivery attempt: the delivery log of an endpoint."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column("id", _bigint_pk(), primary_key=True, autoincrement=True),
+    )
+    endpoint_id: int = Field(sa_column=Column("endpoint_id", BigInteger(), nullable=False))
+    position: int = Field(sa_column=Column("position", BigInteger(), nullable=False))
+    attempt: int
+    status: int | None = None  # the HTTP status, None when no answer came
+    error: str | None = Field(default=None, sa_column=Column("error", Text()))
+    duration_ms: int
+    attempted_at: datetime = Field(sa_column=Column("attempted_at", UTCDateTime(), nullable=False))
 
 
 def core_table(model: type[SQLModel]) -> Table:

@@ -37,11 +37,14 @@ from events.publish import (
 )
 from ledger.policy import Policy
 from ledger.settings import Settings, get_settings
+from worker.webhooks import TASK_DELIVER_WEBHOOKS
 
 __all__ = ["SWEEP_ENTRY", "LedgerCelery", "celery_config", "create_app"]
 
 #: The beat schedule entry of the expiry sweep.
 SWEEP_ENTRY = "quota-ledger-expiry-sweep"
+#: The beat schedule entry of the webhook deliveries (docs/changes.md).
+WEBHOOKS_ENTRY = "quota-ledger-webhooks"
 
 
 class LedgerCelery(Celery):
@@ -121,6 +124,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_APPLY_BATCH: {"queue": QUEUE_EVENTS, "routing_key": QUEUE_EVENTS},
             TASK_APPLY_EVENT: {"queue": QUEUE_EVENTS, "routing_key": QUEUE_EVENTS},
             TASK_SWEEP: {"queue": QUEUE_SWEEP, "routing_key": QUEUE_SWEEP},
+            TASK_DELIVER_WEBHOOKS: {"queue": QUEUE_SWEEP, "routing_key": QUEUE_SWEEP},
         },
         # Beat: the expiry sweep every QUOTA_LEDGER_SWEEP_INTERVAL seconds. A sweep not started
         # within one interval (no worker up) expires instead of piling up.
@@ -133,7 +137,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                     "routing_key": QUEUE_SWEEP,
                     "expires": settings.sweep_interval,
                 },
-            }
+            },
+            # Webhook deliveries (docs/changes.md), on the sweep's queue: periodic work.
+            WEBHOOKS_ENTRY: {
+                "task": TASK_DELIVER_WEBHOOKS,
+                "schedule": settings.webhook_interval,
+                "options": {
+                    "queue": QUEUE_SWEEP,
+                    "routing_key": QUEUE_SWEEP,
+                    "expires": settings.webhook_interval,
+                },
+            },
         },
         "beat_max_loop_interval": min(settings.sweep_interval, 60.0),
         "timezone": "UTC",

@@ -60,6 +60,27 @@ PARKED_OLDEST_SECONDS = Gauge(
     "Age of the oldest parked event, as last measured (0 when none is parked).",
 )
 
+# --- the change feed (docs/changes.md) ------------------------------------------------------------
+FEED_POSITION = Gauge(
+    "quota_ledger_feed_position",
+    "Position of the newest committed change of the feed, as last measured (a consumer's lag "
+    "is this minus its cursor).",
+)
+
+WEBHOOK_LAG = Gauge(
+    "quota_ledger_webhook_lag",
+    "Changes of the feed after a webhook endpoint's cursor, as last measured.",
+    ["endpoint"],
+)
+WEBHOOK_DELIVERED = Counter(
+    "quota_ledger_webhook_delivered_total", "Changes delivered (2xx) per endpoint.", ["endpoint"]
+)
+WEBHOOK_FAILURES = Counter(
+    "quota_ledger_webhook_failures_total",
+    "Failed delivery attempts (no answer or not 2xx) per endpoint.",
+    ["endpoint"],
+)
+
 SWEEP_RUNS = Counter("quota_ledger_sweep_runs_total", "Expiry sweeps run.")
 SWEEP_EXPIRED = Counter("quota_ledger_sweep_expired_total", "Instances expired by the sweep.")
 
@@ -95,3 +116,16 @@ def record_gaps_skipped(count: int) -> None:
 def record_parked(count: int, oldest_seconds: float) -> None:
     PARKED.set(count)
     PARKED_OLDEST_SECONDS.set(oldest_seconds)
+
+
+def record_webhooks(
+    *, head: int, cursors: dict[int, int], delivered: dict[int, int], failures: dict[int, int]
+) -> None:
+    """After a delivery pass: every endpoint's lag, and this pass's deliveries and failures."""
+    FEED_POSITION.set(head)
+    for endpoint, cursor in cursors.items():
+        WEBHOOK_LAG.labels(endpoint=str(endpoint)).set(max(head - cursor, 0))
+    for endpoint, count in delivered.items():
+        WEBHOOK_DELIVERED.labels(endpoint=str(endpoint)).inc(count)
+    for endpoint, count in failures.items():
+        WEBHOOK_FAILURES.labels(endpoint=str(endpoint)).inc(count)

@@ -401,6 +401,7 @@ def verify(report: Mapping[str, Any]) -> None:
             ("instances", report["instances"]),
             ("entries", report["entries"]),
             ("broken chains", ", ".join(report["broken"]) or "none"),
+            ("change feed", _feed_fact(report.get("feed"))),
         ],
         title="Hash chain verification",
     )
@@ -410,6 +411,13 @@ def verify(report: Mapping[str, Any]) -> None:
         out.print(
             Text(f"BROKEN: {', '.join(report['broken'])}", style="bold red"),
         )
+
+
+def _feed_fact(feed: Mapping[str, Any] | None) -> str:
+    if not feed:
+        return "not checked"
+    state = "ok" if feed["ok"] else f"{feed['gaps']} missing, orphans at {feed['orphans']}"
+    return f"{feed['changes']} changes up to position {feed['position']}: {state}"
 
 
 def message(text: str, style: str | None = None) -> None:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import kombu.exceptions
@@ -55,6 +55,7 @@ from events import (
 )
 from events.problems import json_type
 from events.publish import MAX_BATCH_SIZE, TASK_APPLY_BATCH, TASK_APPLY_EVENT, TASK_SWEEP
+from ledger.changefeed import current_position
 from ledger.clock import utcnow
 from ledger.db import (
     ensure_schema,
@@ -68,6 +69,7 @@ from ledger.results import ApplyResult
 from ledger.service import Ledger
 from ledger.settings import Settings, get_settings
 from ledger.store import sweep_lock
+from ledger.store.webhooks import list_endpoints
 from worker import bootstrap
 from worker.deliveries import DeliveryCounter, delivery_counter
 from worker.metrics import (
@@ -75,8 +77,10 @@ from worker.metrics import (
     record_gaps_skipped,
     record_released,
     record_sweep,
+    record_webhooks,
 )
 from worker.transport import TASK_DEAD_LETTER
+from worker.webhooks import TASK_DELIVER_WEBHOOKS, DeliveryPolicy, deliver_due
 
 log = logging.getLogger(__name__)
 
@@ -562,6 +566,25 @@ def dead_letter(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
         error = f"{TASK_DEAD_LETTER} takes (raw, error); got {_describe(arrived)}"
     rejection = EventRejection("invalid_event", error[:_MAX_ERROR_CHARS], None, raw)
     return _dead_letter_or_retry(self, runtime, [rejection], [None])
+
+
+@shared_task(bind=True, name=TASK_DELIVER_WEBHOOKS)
+def deliver_webhooks(self: Task) -> dict[str, Any]:
+    """One webhook delivery pass: every due endpoint gets the changes after its cursor, in order
+    (``worker.webhooks``). Endpoints are leased, so overlapping passes share the work instead
+    of doubling it."""
+    runtime = _runtime(self)
+    days = runtime.settings.webhook_disable_after_days
+    report = deliver_due(runtime.engine, policy=DeliveryPolicy(disable_after=timedelta(days=days)))
+    record_webhooks(
+        head=current_position(runtime.engine),
+        cursors={row["id"]: row["cursor"] for row in list_endpoints(runtime.engine)},
+        delivered=report.per_endpoint,
+        failures=report.failures,
+    )
+    if report.endpoints:
+        log.info("webhooks: %s", report.to_json())
+    return report.to_json()
 
 
 @shared_task(bind=True, name=TASK_SWEEP)

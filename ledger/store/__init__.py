@@ -25,11 +25,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from ledger.changes import Change
 from ledger.db import advisory_key, id_in, is_postgres, is_transient_error, lock_and_load
 from ledger.resequencer import Gate, Release
 from ledger.results import Prior
 from ledger.state import InstanceState, state_from_json
-from ledger.store import parking
+from ledger.store import feed, parking, reminders
 from ledger.store.parking import ParkedRow
 from ledger.store.rows import insert_rows, write_projections
 from ledger.tables import DeadLetter, InstanceRow, LedgerEntry, core_table
@@ -88,6 +89,7 @@ class Transaction(Protocol):
         gates: Iterable[Gate] = (),
         parked: list[dict[str, Any]] | None = None,
         released: list[Release] | None = None,
+        changes: Sequence[Change] = (),
     ) -> None: ...
 
 
@@ -102,6 +104,9 @@ class Storage(Protocol):
     def due_expiries(
         self, *, now: datetime, after: tuple[datetime, str] | None, limit: int
     ) -> list[tuple[str, datetime]]: ...
+    def remind_renewals(
+        self, *, now: datetime, thresholds: Sequence[int], recorded_at: datetime
+    ) -> int: ...
 
 
 class SqlStore:
@@ -175,9 +180,11 @@ class SqlStore:
         gates: Iterable[Gate] = (),
         parked: list[dict[str, Any]] | None = None,
         released: list[Release] | None = None,
+        changes: Sequence[Change] = (),
     ) -> None:
         """Write the transaction's outcome: dead letters, entries, the projections that changed,
-        and the gates, parked and released events."""
+        the gates, parked and released events, and last the feed's changes (their position
+        counter is a lock every writer shares: held from here to the commit, and no longer)."""
         if dead_letters:
             self.connection.execute(_DEAD_LETTERS.insert(), dead_letters)
         if entries:
@@ -192,6 +199,8 @@ class SqlStore:
                 released=released or [],
                 now=recorded_at,
             )
+        if changes:
+            feed.append_changes(self.connection, changes, recorded_at)
 
 
 @contextmanager
@@ -291,3 +300,10 @@ class SqlStorage:
         self, *, now: datetime, after: tuple[datetime, str] | None, limit: int
     ) -> list[tuple[str, datetime]]:
         return due_expiries(self.engine, now=now, after=after, limit=limit)
+
+    def remind_renewals(
+        self, *, now: datetime, thresholds: Sequence[int], recorded_at: datetime
+    ) -> int:
+        return reminders.remind_renewals(
+            self.engine, now=now, thresholds=thresholds, recorded_at=recorded_at
+        )

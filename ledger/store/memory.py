@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+from ledger.changes import Change, reminder_window, renewal_due_change
 from ledger.clock import utcnow
 from ledger.resequencer import Gate, Parked, Release
 from ledger.results import Prior
@@ -36,6 +37,9 @@ class MemoryStorage:
     priors: dict[str, Prior] = field(default_factory=dict)
     gates: dict[str, Gate] = field(default_factory=dict)
     parked: dict[tuple[str, int, int], tuple[ParkedRow, datetime]] = field(default_factory=dict)
+    # The change feed, in position order: ``changes[p - 1]`` is at position ``p``.
+    changes: list[Change] = field(default_factory=list)
+    renewal_marks: dict[int, datetime] = field(default_factory=dict)
 
     def run(self, work: Callable[[Transaction], T], max_attempts: int) -> T:
         return work(_MemoryTransaction(self))
@@ -65,6 +69,39 @@ class MemoryStorage:
         if after is not None:
             due = [key for key in due if key > after]
         return [(instance_id, expires_at) for expires_at, instance_id in due[:limit]]
+
+    def remind_renewals(
+        self, *, now: datetime, thresholds: Sequence[int], recorded_at: datetime
+    ) -> int:
+        """``ledger.store.reminders.remind_renewals`` on the states (a full scan: it is a
+        model, not the indexed query)."""
+        reminded: dict[str, Change] = {}
+        for days in sorted(thresholds):
+            window = reminder_window(days, self.renewal_marks.get(days), now)
+            if window is None:
+                continue
+            due = sorted(
+                (state.expires_at, iid)
+                for iid, state in self.states.items()
+                if state.status == "active"
+                and state.billing_method == "subscription"
+                and state.expires_at is not None
+                and window[0] < state.expires_at <= window[1]
+                and (
+                    any(n.status == "active" for n in state.numbers.values())
+                    or any(f.status == "accepted" for f in state.filings.values())
+                )
+            )
+            for end, iid in due:
+                if iid not in reminded:
+                    change = renewal_due_change(
+                        instance_id=iid, threshold_days=days, expires_at=end
+                    )
+                    reminded[iid] = change
+        for days in thresholds:
+            self.renewal_marks[days] = max(self.renewal_marks.get(days, now), now)
+        self.changes += reminded.values()
+        return len(reminded)
 
 
 class _MemoryTransaction:
@@ -109,9 +146,11 @@ class _MemoryTransaction:
         gates: Iterable[Gate] = (),
         parked: list[dict[str, Any]] | None = None,
         released: list[Release] | None = None,
+        changes: Sequence[Change] = (),
     ) -> None:
         storage = self.storage
         storage.dead_letters += dead_letters
+        storage.changes += changes
         for entry in entries:
             storage.entries.append(entry)
             storage.priors[entry["event_id"]] = Prior(

@@ -135,7 +135,7 @@ def test_bearer_header_parsing() -> None:
     [
         ("read", "has no ':'"),
         (f"read:{READ_TOKEN},", "entry 2 is empty"),
-        (f"admin:{READ_TOKEN}", "unknown scope"),
+        (f"root:{READ_TOKEN}", "unknown scope"),
         (f"{READ_TOKEN}:read", "unknown scope"),
         ("read:", "empty token"),
         ("read:short", "shorter than 16"),

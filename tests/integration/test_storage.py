@@ -63,6 +63,22 @@ SCHEMA: dict[str, set[str]] = {
     # The resequencer's working state (SPEC §9), outside the ledger.
     "sequencer_gates": {"instance_id", "epoch", "last", "parked", "updated_at"},
     "parked_events": {"instance_id", "epoch", "n", "event_id", "type", "raw", "parked_at"},
+    # The change feed (docs/changes.md): append-only, numbered by its one-row counter.
+    "ledger_changes": {
+        "position", "kind", "instance_id", "event_id", "instance_seq", "occurred_at",
+        "recorded_at", "data",
+    },
+    "ledger_feed_head": {"id", "position"},
+    "renewal_marks": {"threshold_days", "swept_until"},
+    "webhook_endpoints": {
+        "id", "url", "secret", "kinds", "enabled", "created_at", "cursor", "failures",
+        "failing_since", "next_attempt_at", "last_status", "last_error", "disabled_reason",
+        "lease_token", "lease_until",
+    },
+    "webhook_deliveries": {
+        "id", "endpoint_id", "position", "attempt", "status", "error", "duration_ms",
+        "attempted_at",
+    },
 }  # fmt: skip
 
 
@@ -104,7 +120,8 @@ def test_migrations_ship_inside_the_package() -> None:
     assert (migrations / "versions" / "0001_initial.py").is_file()
     assert (migrations / "versions" / "0002_resequencer.py").is_file()
     assert (migrations / "versions" / "0003_drop_redundant_entry_index.py").is_file()
-    assert head_revision() == "0003"
+    assert (migrations / "versions" / "0004_change_feed.py").is_file()
+    assert head_revision() == "0004"
 
 
 def test_upgrade_is_idempotent(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

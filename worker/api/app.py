@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from ledger.settings import Settings, get_settings
 from worker import bootstrap
-from worker.api import routes, ui
+from worker.api import feed, routes, ui
 from worker.api.auth import Authenticator, parse_tokens
 from worker.api.broker import close_clients, events_queue_name
 from worker.api.deps import ApiState
@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetricsMiddleware)
 
     app.include_router(routes.api)
+    app.include_router(feed.router)
     app.include_router(routes.ops)
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")

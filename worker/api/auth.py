@@ -12,8 +12,9 @@ import hmac
 import re
 from dataclasses import dataclass
 
+# ``admin``: webhook endpoints (register, list, remove, delivery log).
 # ``metrics``: optional; once any token has it, GET /metrics needs one of those tokens.
-SCOPES = ("read", "ingest", "metrics")
+SCOPES = ("read", "ingest", "admin", "metrics")
 MIN_TOKEN_CHARS = 16
 # RFC 6750 ``b64token`` characters: what may follow "Bearer " in an Authorization header.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/=-]+")

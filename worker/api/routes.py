@@ -18,6 +18,7 @@ from sqlmodel import Session
 
 from events import Event, EventRejection, iso_utc
 from events.models import ProductType
+from ledger.changefeed import current_position
 from ledger.clock import utcnow
 from ledger.db import error_line
 from ledger.queries import (
@@ -540,6 +541,10 @@ async def prometheus_metrics(request: Request, state: ApiState = Depends(api_sta
         if depth is not None:
             metrics.QUEUE_DEPTH.labels(queue=state.queue).set(depth)
     log.debug("queue depth measured in %.3f s", time.monotonic() - started)
+    try:  # one primary-key read of the feed's counter row
+        metrics.FEED_POSITION.set(await _blocking(current_position, state.engine))
+    except Exception as exc:  # an unreachable database must not break the scrape either
+        log.info("feed position unavailable: %s", _first_line(exc))
     # Content negotiation: OpenMetrics when the scraper asks for it, else the text format.
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(REGISTRY), headers={"Content-Type": content_type})

@@ -202,3 +202,63 @@ class Readiness(_Model):
     checks: dict[str, str]
     error: str | None = None
     message: str | None = None
+
+
+# --- the change feed (docs/changes.md) -----------------------------------------------------------
+
+
+class Change(_Model):
+    position: int = Field(ge=1, description="Gap-free, increasing in commit order: the cursor.")
+    kind: str = Field(examples=["service_number.invalidated"])
+    instance_id: str | None
+    seq: int | None = Field(description="The ledger entry that caused it (null: none).")
+    event_id: str | None
+    instance_seq: int | None
+    occurred_at: IsoTime
+    recorded_at: IsoTime
+    data: dict[str, object] = Field(description="The kind's own fields (docs/changes.md).")
+
+
+class ChangesPage(_Model):
+    items: list[Change]
+    next_after: int = Field(
+        ge=0, description="Pass as `after` next time: the last position returned, or `after`."
+    )
+
+
+class WebhookCreate(_Model):
+    url: str = Field(max_length=2000, examples=["https://hooks.example.com/quota-ledger"])
+    kinds: list[str] = Field(
+        default_factory=list, max_length=32, description="Change kinds to send; empty: all."
+    )
+    from_start: bool = Field(
+        default=False, description="Deliver the whole feed, not only the changes from now on."
+    )
+
+
+class WebhookEndpoint(_Model):
+    id: int
+    url: str
+    kinds: list[str]
+    enabled: bool
+    cursor: int = Field(description="The last position delivered (or passed over).")
+    failures: int
+    failing_since: IsoTime | None
+    next_attempt_at: IsoTime | None
+    last_status: int | None
+    last_error: str | None
+    disabled_reason: str | None
+    created_at: IsoTime | None
+    secret: str | None = Field(
+        default=None, description="The signing secret: only in the answer that creates it."
+    )
+
+
+class WebhookDelivery(_Model):
+    id: int
+    position: int
+    attempt: int
+    status: int | None
+    error: str | None
+    duration_ms: int
+    attempted_at: IsoTime

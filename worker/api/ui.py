@@ -27,6 +27,7 @@ from sqlmodel import Session
 from ledger.clock import utcnow
 from ledger.queries import (
     instance_history,
+    iter_instances,
     load_state,
     parked_events,
     service_number_info,
@@ -359,9 +360,22 @@ def logout(request: Request) -> Response:
     return response
 
 
+#: Instances due for renewal listed on the ops page (the CLI's ``instances --renewal-due``).
+RENEWAL_DUE_SHOWN = 50
+
+
 @router.get("/", dependencies=[Depends(require_read)])
-def index(request: Request) -> Response:
-    return _page(request, "index.html", {"message": None})
+def index(request: Request, session: Session = Depends(db_session)) -> Response:
+    due = list(
+        iter_instances(
+            session,
+            policy=api_state(request).policy,
+            at=utcnow(),
+            renewal_due=True,
+            limit=RENEWAL_DUE_SHOWN,
+        )
+    )
+    return _page(request, "index.html", {"message": None, "renewal_due": due})
 
 
 @router.get("/lookup", dependencies=[Depends(require_read)])

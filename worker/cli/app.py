@@ -22,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli import ledger, pipeline
+from worker.cli import feed, ledger, pipeline, webhooks
 from worker.cli.options import DbOption, GlobalOptions, JsonOption, _utf8_stdout
 
 app = typer.Typer(
@@ -84,6 +84,8 @@ app.command("service-number")(ledger.service_number)
 for command in (ledger.rejected, ledger.parked, ledger.sweep, ledger.rebuild, ledger.verify):
     app.command()(command)
 app.command()(ledger.demo)
+app.command()(feed.changes)
+app.add_typer(webhooks.webhooks_app, name="webhooks")
 
 from worker.api.cli import serve_command  # noqa: E402  (the HTTP API; imports FastAPI lazily)
 

@@ -186,10 +186,18 @@ def instances(
         str | None,
         typer.Option("--at", metavar="T", help="Evaluate eligibility at T; default now."),
     ] = None,
+    renewal_due: Annotated[
+        bool,
+        typer.Option(
+            "--renewal-due",
+            help="Only active subscriptions with numbers or filings that end within the "
+            "policy's largest renewal reminder threshold of T.",
+        ),
+    ] = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List instances, filtered by eligibility at T, product type and expiry."""
+    """List instances, filtered by eligibility at T, product type, expiry, renewal due."""
     from sqlmodel import Session
 
     from ledger.queries import list_instances
@@ -206,6 +214,7 @@ def instances(
             eligibility=eligibility.value if eligibility is not None else None,
             product=product.value if product is not None else None,
             expiring_before=before,
+            renewal_due=renewal_due,
         )
     if run.json:
         print_json(rows)
@@ -359,6 +368,10 @@ def verify(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False)
     if report["broken"]:
         if not run.json:
             typer.echo(f"quota-ledger: broken chains: {', '.join(report['broken'])}", err=True)
+        raise typer.Exit(1)
+    if not report["ok"]:  # the change feed does not match the ledger (docs/changes.md)
+        if not run.json:
+            typer.echo(f"quota-ledger: change feed: {report['feed']}", err=True)
         raise typer.Exit(1)
 
 
