@@ -14,7 +14,7 @@ from events import parse_event_obj
 from ledger.changefeed import changes_after
 from ledger.policy import load_policy
 from ledger.service import Ledger
-from tests.api.helpers import INGEST, READ, seed
+from tests.helpers.api import INGEST, READ, seed
 from tests.support import Events
 
 pytestmark = pytest.mark.timeout(120)
@@ -101,7 +101,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def test_webhook_endpoints_need_the_admin_scope(make_client, engine: Engine) -> None:
-    from tests.api.helpers import API_TOKENS
+    from tests.helpers.api import API_TOKENS
 
     client = make_client(api_tokens=f"{API_TOKENS},admin:{ADMIN_TOKEN}")
     hook = {"url": "https://hooks.example.com/x", "kinds": ["filing.accepted"]}
@@ -141,7 +141,7 @@ def test_the_ops_page_lists_instances_due_for_renewal(client, engine: Engine) ->
 
     from events import iso_utc
     from ledger.clock import utcnow
-    from tests.api.helpers import ui_login as login
+    from tests.helpers.api import ui_login as login
 
     ev, now = Events("renew"), utcnow()
     purchase = ev.purchase("i-renew-soon", "virtual_host")

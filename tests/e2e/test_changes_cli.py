@@ -9,16 +9,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.e2e import test_cli
-from tests.e2e.test_cli import CLI, SCENARIO, _filing, _lines, _write_jsonl
-
-cli = test_cli.cli  # the fixture: the CLI in a subprocess with a clean environment
+from tests.helpers.cli import CLI, SCENARIO, filing_of, lines_of, write_jsonl
 
 
 def test_a_consumer_resumes_from_its_cursor(cli, db_url: str, tmp_path: Path) -> None:
-    events = _write_jsonl(tmp_path / "events.jsonl", SCENARIO)
+    events = write_jsonl(tmp_path / "events.jsonl", SCENARIO)
     assert cli("apply", str(events), "--db", db_url).returncode == 1  # two invalid lines
-    everything = _lines(cli("changes", "--db", db_url, "--json"))
+    everything = lines_of(cli("changes", "--db", db_url, "--json"))
     assert [c["position"] for c in everything] == list(range(1, len(everything) + 1))
     kinds = {c["kind"] for c in everything}
     assert {"service_number.issued", "service_number.request_rejected"} <= kinds
@@ -29,7 +26,7 @@ def test_a_consumer_resumes_from_its_cursor(cli, db_url: str, tmp_path: Path) ->
     cursor_file.write_text("0")
     while True:
         cursor = cursor_file.read_text()
-        page = _lines(cli("changes", "--after", cursor, "--limit", "2", "--db", db_url, "--json"))
+        page = lines_of(cli("changes", "--after", cursor, "--limit", "2", "--db", db_url, "--json"))
         if not page:
             break
         seen += page
@@ -48,12 +45,12 @@ def test_a_consumer_resumes_from_its_cursor(cli, db_url: str, tmp_path: Path) ->
 
 
 def test_follow_prints_changes_as_they_commit(cli, db_url: str, tmp_path: Path) -> None:
-    first = _write_jsonl(tmp_path / "first.jsonl", SCENARIO[:4])
+    first = write_jsonl(tmp_path / "first.jsonl", SCENARIO[:4])
     assert cli("apply", str(first), "--db", db_url).returncode == 0
-    head = len(_lines(cli("changes", "--db", db_url, "--json")))
+    head = len(lines_of(cli("changes", "--db", db_url, "--json")))
     number = next(
         c["data"]["number"]
-        for c in _lines(cli("changes", "--db", db_url, "--json"))
+        for c in lines_of(cli("changes", "--db", db_url, "--json"))
         if c["kind"] == "service_number.issued"
     )
     follower = subprocess.Popen(
@@ -77,7 +74,7 @@ def test_follow_prints_changes_as_they_commit(cli, db_url: str, tmp_path: Path) 
     try:
         time.sleep(1.0)  # it is waiting now
         assert follower.poll() is None
-        second = _write_jsonl(tmp_path / "second.jsonl", [_filing(number)])
+        second = write_jsonl(tmp_path / "second.jsonl", [filing_of(number)])
         assert cli("apply", str(second), "--db", db_url).returncode == 0
         out, err = follower.communicate(timeout=60)
     finally:
@@ -92,7 +89,7 @@ def test_follow_prints_changes_as_they_commit(cli, db_url: str, tmp_path: Path) 
 
 def test_webhooks_commands(cli, db_url: str, tmp_path: Path) -> None:
     from ledger.webhooks import SIGNATURE_HEADER, verify_signature
-    from tests.integration.test_webhooks import Receiver
+    from tests.helpers.webhooks import Receiver
 
     receiver = Receiver()
     try:
@@ -105,7 +102,7 @@ def test_webhooks_commands(cli, db_url: str, tmp_path: Path) -> None:
         assert endpoint["secret"].startswith("whsec_") and endpoint["cursor"] == 0
         assert cli("webhooks", "add", "ftp://nowhere", "--db", db_url).returncode == 2
 
-        events = _write_jsonl(tmp_path / "events.jsonl", SCENARIO[:4])
+        events = write_jsonl(tmp_path / "events.jsonl", SCENARIO[:4])
         assert cli("apply", str(events), "--db", db_url).returncode == 0
         proc = cli("webhooks", "deliver", "--db", db_url, "--json")
         assert json.loads(proc.stdout) == {
@@ -120,7 +117,7 @@ def test_webhooks_commands(cli, db_url: str, tmp_path: Path) -> None:
             endpoint["secret"], headers[SIGNATURE_HEADER], body, now=int(time.time())
         )
         (listed,) = json.loads(cli("webhooks", "list", "--db", db_url, "--json").stdout)
-        head = len(_lines(cli("changes", "--db", db_url, "--json")))
+        head = len(lines_of(cli("changes", "--db", db_url, "--json")))
         assert "secret" not in listed and listed["cursor"] == head  # passed over other kinds
         (attempt,) = json.loads(
             cli("webhooks", "log", str(endpoint["id"]), "--db", db_url, "--json").stdout

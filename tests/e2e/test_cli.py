@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
 from ledger.db import make_engine
+from tests.helpers.cli import (
+    SCENARIO,
+    filing_of,
+    json_of,
+    lines_of,
+    purchase,
+    request,
+    write_jsonl,
+)
 
 HEX64 = "0" * 64
 COMMANDS = (
@@ -90,126 +97,6 @@ REJECTED_KEYS = {"id", "received_at", "event_id", "code", "error", "raw"}
 AT = "2026-06-01T00:00:00Z"
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("quota-ledger")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "worker"]
-
-
-CLI = _command()
-
-
-@pytest.fixture
-def cli(tmp_path: Path):
-    """Run the CLI in ``tmp_path`` with a clean environment; returns CompletedProcess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTA_LEDGER_")}
-    env["COLUMNS"] = "200"
-
-    def run(
-        *args: str, input: str | None = None, extra_env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [*CLI, *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env={**env, **(extra_env or {})},
-            timeout=120,
-        )
-        assert "Traceback" not in proc.stderr, proc.stderr
-        return proc
-
-    return run
-
-
-def _json(proc: subprocess.CompletedProcess[str]) -> Any:
-    assert proc.stdout.strip(), f"no output; stderr: {proc.stderr}"
-    return json.loads(proc.stdout)
-
-
-def _lines(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in proc.stdout.splitlines()]
-
-
-def _write_jsonl(path: Path, lines: Sequence[dict[str, Any] | str]) -> Path:
-    path.write_text(
-        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
-        encoding="utf-8",
-    )
-    return path
-
-
-def purchase(iid: str, product: str, **fields: Any) -> dict[str, Any]:
-    event = {
-        "event_id": f"buy:{iid}",
-        "type": "instance.purchased",
-        "occurred_at": "2026-01-01T00:00:00Z",
-        "instance_id": iid,
-        "account_id": "acct-a",
-        "product_type": product,
-        "region": "cn-hangzhou",
-        "billing_method": "subscription",
-        "term_months": 12,
-        "expires_at": "2027-01-01T00:00:00Z",
-    }
-    event.update(fields)
-    return {k: v for k, v in event.items() if v is not None}
-
-
-def request(event_id: str, iid: str, account: str = "acct-a", at: str = "2026-01-02T00:00:00Z"):
-    return {
-        "event_id": event_id,
-        "type": "service_number.requested",
-        "occurred_at": at,
-        "instance_id": iid,
-        "account_id": account,
-    }
-
-
-SCENARIO: list[dict[str, Any] | str] = [
-    purchase("i-good", "ecs", public_bandwidth_mbps=5),
-    purchase(
-        "i-payg",
-        "ecs",
-        billing_method="pay_as_you_go",
-        term_months=None,
-        expires_at=None,
-        public_bandwidth_mbps=5,
-    ),
-    purchase("i-nat", "nat_gateway", term_months=1, expires_at="2026-02-01T00:00:00Z"),
-    request("req:good:1", "i-good"),
-    request("req:good:mallory", "i-good", account="acct-mallory"),
-    request("req:payg:1", "i-payg"),
-    request("req:nat:1", "i-nat"),
-    "",  # blank lines are skipped: no output line for them
-    "this is not json",
-    {  # a naive timestamp
-        "event_id": "naive",
-        "type": "instance.released",
-        "occurred_at": "2026-01-03T00:00:00",
-        "instance_id": "i-good",
-    },
-    purchase("i-good", "ecs", public_bandwidth_mbps=5),  # a re-delivery: duplicate
-]
-
-
-def _filing(number: str) -> dict[str, Any]:
-    return {
-        "event_id": "filing:good:1",
-        "type": "filing.submitted",
-        "occurred_at": "2026-01-03T00:00:00Z",
-        "instance_id": "i-good",
-        "account_id": "acct-a",
-        "filing_id": "F-1",
-        "service_number": number,
-        "product_type": "ecs",
-        "subject_id": "subj-1",
-        "website": "www.example.cn",
-    }
-
-
 def test_help_lists_every_command(cli) -> None:
     proc = cli("--help")
     assert proc.returncode == 0
@@ -229,18 +116,18 @@ def test_db_upgrade_is_idempotent(cli, db_url: str) -> None:
     assert first.returncode == 0, first.stderr
     second = cli("--db", db_url, "db", "upgrade", "--json")  # --db as a global option
     assert second.returncode == 0, second.stderr
-    assert _json(first)["revision"] == _json(second)["revision"] is not None
+    assert json_of(first)["revision"] == json_of(second)["revision"] is not None
     human = cli("db", "upgrade", extra_env={"QUOTA_LEDGER_DATABASE_URL": db_url})
     assert human.returncode == 0 and "revision" in human.stdout
 
 
 def test_full_scenario(cli, db_url: str, tmp_path: Path) -> None:
-    events = _write_jsonl(tmp_path / "events.jsonl", SCENARIO)
+    events = write_jsonl(tmp_path / "events.jsonl", SCENARIO)
 
     # --- apply: one JSON line per non-blank input line, in order; exit 1 (invalid lines) -----
     proc = cli("apply", str(events), "--db", db_url, "--json")
     assert proc.returncode == 1, proc.stderr
-    results = _lines(proc)
+    results = lines_of(proc)
     assert len(results) == len(SCENARIO) - 1
     for result in results:
         assert APPLY_KEYS <= set(result) <= APPLY_KEYS | {"error"}
@@ -264,16 +151,16 @@ def test_full_scenario(cli, db_url: str, tmp_path: Path) -> None:
     assert "error" not in results[0]
 
     # A filing from stdin ("-"), all valid: exit 0. --db as a global option.
-    proc = cli("--db", db_url, "apply", "-", "--json", input=json.dumps(_filing(number)) + "\n")
+    proc = cli("--db", db_url, "apply", "-", "--json", input=json.dumps(filing_of(number)) + "\n")
     assert proc.returncode == 0, proc.stderr
-    assert _lines(proc) == [
+    assert lines_of(proc) == [
         {"event_id": "filing:good:1", "outcome": "applied", "reasons": [], "service_number": number}
     ]
 
     # --- show ------------------------------------------------------------------------------------
     proc = cli("show", "i-good", "--at", AT, "--db", db_url, "--json")
     assert proc.returncode == 0, proc.stderr
-    view = _json(proc)
+    view = json_of(proc)
     assert set(view) == SHOW_KEYS
     assert view["instance_id"] == "i-good" and view["account_id"] == "acct-a"
     assert (view["product_type"], view["region"]) == ("ecs", "cn-hangzhou")
@@ -309,7 +196,7 @@ def test_full_scenario(cli, db_url: str, tmp_path: Path) -> None:
     assert human[0].returncode == 0 and human[0].stdout == human[1].stdout
     assert "i-good" in human[0].stdout and "eligible" in human[0].stdout
 
-    payg = _json(cli("show", "i-payg", "--at", AT, "--db", db_url, "--json"))
+    payg = json_of(cli("show", "i-payg", "--at", AT, "--db", db_url, "--json"))
     assert payg["eligibility"]["status"] == "ineligible"
     (reason,) = payg["eligibility"]["reasons"]
     assert set(reason) == {"code", "message_zh", "message_en", "remediation"}
@@ -324,7 +211,7 @@ def test_full_scenario(cli, db_url: str, tmp_path: Path) -> None:
         assert proc.returncode == 2 and proc.stdout == "" and "--at" in proc.stderr, bad
 
     # --- history ---------------------------------------------------------------------------------
-    entries = _json(cli("history", "i-good", "--db", db_url, "--json"))
+    entries = json_of(cli("history", "i-good", "--db", db_url, "--json"))
     assert [e["event_id"] for e in entries] == [
         "buy:i-good",
         "req:good:1",
@@ -340,18 +227,18 @@ def test_full_scenario(cli, db_url: str, tmp_path: Path) -> None:
     assert entries[0]["occurred_at"] == "2026-01-01T00:00:00Z"
     assert entries[-1]["hash"] == view["head_hash"]
     assert {e["policy_version"] for e in entries} == {entries[0]["policy_version"]}
-    assert _json(cli("history", "i-nowhere", "--db", db_url, "--json")) == []
+    assert json_of(cli("history", "i-nowhere", "--db", db_url, "--json")) == []
     assert cli("history", "i-good", "--db", db_url).returncode == 0
 
     # --- instances with each filter --------------------------------------------------------------
     def ids(*args: str) -> list[str]:
         proc = cli("instances", *args, "--db", db_url, "--json")
         assert proc.returncode == 0, proc.stderr
-        rows = _json(proc)
+        rows = json_of(proc)
         assert all(set(row) == INSTANCE_KEYS for row in rows)
         return [row["instance_id"] for row in rows]
 
-    rows = _json(cli("instances", "--at", AT, "--db", db_url, "--json"))
+    rows = json_of(cli("instances", "--at", AT, "--db", db_url, "--json"))
     assert rows == [
         {
             "instance_id": "i-good",
@@ -390,7 +277,7 @@ def test_full_scenario(cli, db_url: str, tmp_path: Path) -> None:
     assert cli("instances", "--db", db_url).returncode == 0
 
     # --- service-number --------------------------------------------------------------------------
-    info = _json(cli("service-number", number, "--db", db_url, "--json"))
+    info = json_of(cli("service-number", number, "--db", db_url, "--json"))
     assert info == {
         "number": number,
         "instance_id": "i-good",
@@ -400,13 +287,15 @@ def test_full_scenario(cli, db_url: str, tmp_path: Path) -> None:
         "invalidated_at": None,
         "invalidated_reason": None,
     }
-    assert _json(cli("service-number", nat_number, "--db", db_url, "--json"))["status"] == "active"
+    assert (
+        json_of(cli("service-number", nat_number, "--db", db_url, "--json"))["status"] == "active"
+    )
     unknown = cli("service-number", "ICP-NOPE", "--db", db_url, "--json")
     assert unknown.returncode == 1 and unknown.stdout == "" and "ICP-NOPE" in unknown.stderr
     assert cli("service-number", number, "--db", db_url).returncode == 0
 
     # --- rejected (dead letters) -----------------------------------------------------------------
-    letters = _json(cli("rejected", "--db", db_url, "--json"))
+    letters = json_of(cli("rejected", "--db", db_url, "--json"))
     assert all(set(row) == REJECTED_KEYS for row in letters)
     assert sorted((row["event_id"] or "", row["code"], row["raw"]) for row in letters) == sorted(
         [
@@ -420,33 +309,38 @@ def test_full_scenario(cli, db_url: str, tmp_path: Path) -> None:
     # --- sweep --now -----------------------------------------------------------------------------
     proc = cli("sweep", "--now", "2026-06-01T08:00:00+08:00", "--db", db_url, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert _json(proc) == {"as_of": AT, "expired": 1}
-    assert _json(cli("sweep", "--now", AT, "--db", db_url, "--json")) == {"as_of": AT, "expired": 0}
+    assert json_of(proc) == {"as_of": AT, "expired": 1}
+    assert json_of(cli("sweep", "--now", AT, "--db", db_url, "--json")) == {
+        "as_of": AT,
+        "expired": 0,
+    }
     assert cli("sweep", "--now", "2026-06-01", "--db", db_url).returncode == 2
-    nat = _json(cli("service-number", nat_number, "--db", db_url, "--json"))
+    nat = json_of(cli("service-number", nat_number, "--db", db_url, "--json"))
     assert nat["status"] == "invalidated" and nat["invalidated_reason"] == "instance_expired"
     assert nat["invalidated_at"] == "2026-02-01T00:00:00Z"
-    assert _json(cli("show", "i-nat", "--at", AT, "--db", db_url, "--json"))["status"] == "expired"
-    sweep_entry = _json(cli("history", "i-nat", "--db", db_url, "--json"))[-1]
+    assert (
+        json_of(cli("show", "i-nat", "--at", AT, "--db", db_url, "--json"))["status"] == "expired"
+    )
+    sweep_entry = json_of(cli("history", "i-nat", "--db", db_url, "--json"))[-1]
     assert sweep_entry["event_id"] == "sweep:i-nat:20260201T000000Z"
     assert sweep_entry["type"] == "instance.expired"
 
     # --- verify / rebuild on an intact ledger ----------------------------------------------------
     proc = cli("verify", "--db", db_url, "--json")
     assert proc.returncode == 0, proc.stderr
-    report = _json(proc)
+    report = json_of(proc)
     assert report.pop("feed")["ok"] is True  # the change feed matches the ledger
     assert report == {"ok": True, "entries": 9, "instances": 3, "broken": []}
     proc = cli("rebuild", "--check", "--db", db_url, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert _json(proc) == {"instances": 3, "entries": 9, "drift": [], "broken": []}
+    assert json_of(proc) == {"instances": 3, "entries": 9, "drift": [], "broken": []}
     proc = cli("rebuild", "--db", db_url, "--json")
-    assert proc.returncode == 0 and _json(proc)["drift"] == []
+    assert proc.returncode == 0 and json_of(proc)["drift"] == []
     assert cli("verify", "--db", db_url).returncode == 0
 
 
 def test_drift_and_broken_chains(cli, db_url: str, tmp_path: Path) -> None:
-    events = _write_jsonl(
+    events = write_jsonl(
         tmp_path / "events.jsonl",
         [
             purchase("i-a", "ecs", public_bandwidth_mbps=1),
@@ -466,9 +360,9 @@ def test_drift_and_broken_chains(cli, db_url: str, tmp_path: Path) -> None:
             )
         check = cli("rebuild", "--check", "--db", db_url, "--json")
         assert check.returncode == 1
-        assert _json(check) == {"instances": 2, "entries": 4, "drift": ["i-b"], "broken": []}
+        assert json_of(check) == {"instances": 2, "entries": 4, "drift": ["i-b"], "broken": []}
         repaired = cli("rebuild", "--db", db_url, "--json")
-        assert repaired.returncode == 0 and _json(repaired)["drift"] == ["i-b"]
+        assert repaired.returncode == 0 and json_of(repaired)["drift"] == ["i-b"]
         assert cli("rebuild", "--check", "--db", db_url).returncode == 0
 
         # Broken: the head claims more entries than the chain has (an entry removed).
@@ -480,13 +374,13 @@ def test_drift_and_broken_chains(cli, db_url: str, tmp_path: Path) -> None:
         engine.dispose()
     proc = cli("verify", "--db", db_url, "--json")
     assert proc.returncode == 1
-    report = _json(proc)
+    report = json_of(proc)
     assert report.pop("feed")["ok"] is True
     assert report == {"ok": False, "entries": 4, "instances": 2, "broken": ["i-a"]}
     human = cli("verify", "--db", db_url)
     assert human.returncode == 1 and "i-a" in human.stdout + human.stderr
     proc = cli("rebuild", "--db", db_url, "--json")
-    assert proc.returncode == 1 and _json(proc)["broken"] == ["i-a"]
+    assert proc.returncode == 1 and json_of(proc)["broken"] == ["i-a"]
     proc = cli("rebuild", "--check", "--db", db_url)
     assert proc.returncode == 1 and "i-a" in proc.stdout
 
@@ -504,7 +398,7 @@ def test_apply_io_errors_and_human_output(cli, tmp_path: Path) -> None:
     raw.write_bytes((json.dumps(purchase("i-x", "virtual_host")) + "\n").encode() + b"\xff\xfe{}\n")
     proc = cli("apply", str(raw), "--db", db, "--json")
     assert proc.returncode == 1
-    assert [r["outcome"] for r in _lines(proc)] == ["applied", "invalid"]
+    assert [r["outcome"] for r in lines_of(proc)] == ["applied", "invalid"]
 
     human = cli("apply", "-", "--db", db, input="not json\n")
     assert human.returncode == 1
@@ -539,16 +433,16 @@ def test_configuration_errors(cli, tmp_path: Path) -> None:
     # The environment names the database when --db is absent; a fresh file just works.
     env = {"QUOTA_LEDGER_DATABASE_URL": f"sqlite:///{tmp_path / 'env.db'}"}
     proc = cli("instances", "--json", extra_env=env)
-    assert proc.returncode == 0 and _json(proc) == []
+    assert proc.returncode == 0 and json_of(proc) == []
     assert (tmp_path / "env.db").exists()
-    assert _json(cli("--json", "rejected", extra_env=env)) == []  # --json as a global option
+    assert json_of(cli("--json", "rejected", extra_env=env)) == []  # --json as a global option
 
 
 def test_demo(cli, db_url: str, tmp_path: Path) -> None:
     where = ["--dir", str(tmp_path / "demo")] if db_url.startswith("sqlite") else ["--db", db_url]
     proc = cli("demo", *where, "--json")
     assert proc.returncode == 0, proc.stderr
-    report = _json(proc)
+    report = json_of(proc)
     assert report["verify"]["ok"] is True and report["verify"]["broken"] == []
     assert report["sweep"] == {"as_of": report["scenario_clock"], "expired": 2}
     steps = {step["event_id"]: step for step in report["events"] + report["filings"]}
@@ -584,7 +478,7 @@ def test_demo(cli, db_url: str, tmp_path: Path) -> None:
         assert len(expired) == report["sweep"]["expired"]
         assert f"2 instance(s) expired: {', '.join(expired)}." in human.stdout
         default = cli("demo", "--json", extra_env={"TMPDIR": str(tmp_path)})  # a new temp dir
-        assert default.returncode == 0 and Path(_json(default)["directory"]).is_dir()
+        assert default.returncode == 0 and Path(json_of(default)["directory"]).is_dir()
     else:
         again = cli("demo", *where)
         assert again.returncode == 2 and "empty" in again.stderr
@@ -610,7 +504,7 @@ def test_human_output_for_a_newcomer(cli, tmp_path: Path) -> None:
         lines.append({"event_id": f"publisher-event-id-{n:04d}", "type": "x.y"})
 
     # Plain apply prints the service number issued for every applied request.
-    proc = cli("apply", str(_write_jsonl(tmp_path / "many.jsonl", lines)), "--db", db)
+    proc = cli("apply", str(write_jsonl(tmp_path / "many.jsonl", lines)), "--db", db)
     assert proc.returncode == 1, proc.stderr  # the three invalid lines
     engine = make_engine(db)
     try:
@@ -624,12 +518,12 @@ def test_human_output_for_a_newcomer(cli, tmp_path: Path) -> None:
     # history and rejected at the width of a pipe (120): timestamps, numbers and ids stay whole,
     # the free text wraps.
     narrow = {"COLUMNS": "120"}
-    history = _json(cli("history", "i-newcomer-00", "--db", db, "--json"))
+    history = json_of(cli("history", "i-newcomer-00", "--db", db, "--json"))
     proc = cli("history", "i-newcomer-00", "--db", db, extra_env=narrow)
     assert proc.returncode == 0, proc.stderr
     values = [e["occurred_at"] for e in history] + [e["service_number"] for e in history[1:]]
     assert _whole_in_a_line(proc.stdout, values) == []
-    rejected = _json(cli("rejected", "--db", db, "--json"))
+    rejected = json_of(cli("rejected", "--db", db, "--json"))
     proc = cli("rejected", "--db", db, extra_env=narrow)
     assert proc.returncode == 0, proc.stderr
     values = [row["received_at"] for row in rejected] + [row["event_id"] for row in rejected]

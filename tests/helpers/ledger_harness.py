@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -36,3 +37,16 @@ class Harness:
             view = show_instance(session, instance_id=instance_id, at=at, policy=self.policy)
         assert view is not None, f"no entries for {instance_id}"
         return view
+
+
+def drop_append_only_triggers(harness: Harness) -> None:
+    """Let a tampering test edit the append-only tables (the triggers refuse it otherwise)."""
+    with harness.engine.begin() as conn:
+        if harness.engine.dialect.name == "sqlite":
+            for (name,) in conn.execute(
+                text("SELECT name FROM sqlite_master WHERE type='trigger'")
+            ).all():
+                conn.execute(text(f'DROP TRIGGER "{name}"'))
+        else:
+            for table in ("ledger_entries", "ledger_changes"):
+                conn.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))

@@ -19,8 +19,7 @@ from ledger.changes import fold_feed
 from ledger.db import make_engine
 from ledger.policy import load_policy
 from ledger.service import Ledger
-from tests.integration.ledger_harness import Harness
-from tests.integration.test_ledger_contract import _drop_append_only_triggers
+from tests.helpers.ledger_harness import Harness, drop_append_only_triggers
 from tests.support import Events, day
 
 
@@ -157,7 +156,7 @@ def test_rebuild_leaves_the_feed_alone_and_verify_checks_it(any_ledger: Harness)
         "orphans": [],
     }
     # A change removed behind the database's back: a gap.
-    _drop_append_only_triggers(any_ledger)
+    drop_append_only_triggers(any_ledger)
     with any_ledger.engine.begin() as conn:
         conn.execute(text("DELETE FROM ledger_changes WHERE position = 2"))
     report = verify(any_ledger.engine).to_json()

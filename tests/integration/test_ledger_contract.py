@@ -13,7 +13,7 @@ from events import parse_event
 from ledger.audit import rebuild, verify
 from ledger.queries import instance_history, rejected_events, service_number_info
 from ledger.service import Ledger
-from tests.helpers.ledger_harness import Harness
+from tests.helpers.ledger_harness import Harness, drop_append_only_triggers
 from tests.support import Events, Numbers, day
 
 
@@ -158,22 +158,10 @@ def test_rebuild_finds_and_repairs_projection_drift(any_ledger: Harness) -> None
     assert any_ledger.show("i1", day(20))["status"] == "active"
 
 
-def _drop_append_only_triggers(harness: Harness) -> None:
-    with harness.engine.begin() as conn:
-        if harness.engine.dialect.name == "sqlite":
-            for (name,) in conn.execute(
-                text("SELECT name FROM sqlite_master WHERE type='trigger'")
-            ).all():
-                conn.execute(text(f'DROP TRIGGER "{name}"'))
-        else:
-            for table in ("ledger_entries", "ledger_changes"):
-                conn.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
-
-
 def test_verify_and_rebuild_find_a_removed_last_entry(any_ledger: Harness) -> None:
     ev = Events()
     any_ledger.apply(ev.purchase("i1"), ev.request("i1"), ev.purchase("i2"))
-    _drop_append_only_triggers(any_ledger)
+    drop_append_only_triggers(any_ledger)
     with any_ledger.engine.begin() as conn:
         conn.execute(
             text("DELETE FROM ledger_entries WHERE instance_id = 'i1' AND instance_seq = 2")
@@ -196,7 +184,7 @@ def test_verify_and_rebuild_find_a_removed_last_entry(any_ledger: Harness) -> No
 def test_verify_finds_an_edited_entry(any_ledger: Harness) -> None:
     ev = Events()
     any_ledger.apply(ev.purchase("i1"), ev.request("i1"), ev.purchase("i2"))
-    _drop_append_only_triggers(any_ledger)
+    drop_append_only_triggers(any_ledger)
     with any_ledger.engine.begin() as conn:
         conn.execute(
             text("UPDATE ledger_entries SET outcome = 'rejected' WHERE instance_id = 'i2'")

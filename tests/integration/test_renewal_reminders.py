@@ -11,7 +11,7 @@ from ledger.changefeed import changes_after
 from ledger.policy import load_policy
 from ledger.service import Ledger
 from ledger.store.memory import MemoryStorage
-from tests.integration.ledger_harness import Harness
+from tests.helpers.ledger_harness import Harness
 from tests.support import Events, day
 
 
