@@ -81,12 +81,13 @@ class VerifyReport:
     feed: FeedReport = field(default_factory=FeedReport)
 
     def to_json(self) -> dict[str, Any]:
+        """SPEC §7's shape exactly; the feed's own figures are ``self.feed`` (the CLI prints
+        them on stderr when the feed does not match the ledger)."""
         return {
             "ok": not self.broken and self.feed.ok,
             "entries": self.entries,
             "instances": self.instances,
             "broken": sorted(self.broken),
-            "feed": self.feed.to_json(),
         }
 
 

@@ -92,7 +92,7 @@ def test_dead_letters_are_changes_without_an_entry(any_ledger: Harness) -> None:
     assert change["kind"] == "event.dead_lettered"
     assert (change["event_id"], change["seq"], change["instance_id"]) == (None, None, None)
     assert change["data"] == {"code": "invalid_event", "event_id": None}
-    assert verify(any_ledger.engine).to_json()["feed"]["ok"] is True
+    assert verify(any_ledger.engine).feed.ok is True
 
 
 def test_a_failed_transaction_leaves_no_position_behind(any_ledger: Harness) -> None:
@@ -146,9 +146,9 @@ def test_rebuild_leaves_the_feed_alone_and_verify_checks_it(any_ledger: Harness)
     feed = changes_after(any_ledger.engine, after=0, limit=100)
     assert rebuild(any_ledger.engine).to_json()["drift"] == []
     assert changes_after(any_ledger.engine, after=0, limit=100) == feed
-    report = verify(any_ledger.engine).to_json()
-    assert report["ok"] is True
-    assert report["feed"] == {
+    verified = verify(any_ledger.engine)
+    assert verified.to_json()["ok"] is True
+    assert verified.feed.to_json() == {
         "ok": True,
         "changes": len(feed),
         "position": len(feed),
@@ -159,9 +159,9 @@ def test_rebuild_leaves_the_feed_alone_and_verify_checks_it(any_ledger: Harness)
     drop_append_only_triggers(any_ledger)
     with any_ledger.engine.begin() as conn:
         conn.execute(text("DELETE FROM ledger_changes WHERE position = 2"))
-    report = verify(any_ledger.engine).to_json()
-    assert report["ok"] is False and report["feed"]["gaps"] == 1
-    assert report["broken"] == []
+    verified = verify(any_ledger.engine)
+    assert verified.to_json()["ok"] is False and verified.feed.gaps == 1
+    assert verified.to_json()["broken"] == []
 
 
 def test_folding_the_feed_gives_every_number_and_filing_status(any_ledger: Harness) -> None:
@@ -268,6 +268,6 @@ def test_positions_are_gap_free_and_in_commit_order_under_concurrent_writers(
         head = current_position(engine)
         assert head > 0
         assert seen == list(range(1, head + 1))
-        assert verify(engine).to_json()["feed"]["ok"] is True
+        assert verify(engine).feed.ok is True
     finally:
         engine.dispose()

@@ -360,18 +360,18 @@ def verify(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False)
         total = count_entries(engine) if not run.json and render.is_terminal() else 0
         enabled = total >= PROGRESS_MIN_ENTRIES
         with progress_bar(enabled, total, "verifying") as advance:
-            report = verify_chains(engine, progress=advance).to_json()
+            verified = verify_chains(engine, progress=advance)
+    report, feed = verified.to_json(), verified.feed.to_json()
     if run.json:
-        print_json(report)
+        print_json(report)  # SPEC §7's keys; the feed's figures go to stderr below
     else:
-        render.verify(report)
+        render.verify({**report, "feed": feed})
     if report["broken"]:
         if not run.json:
             typer.echo(f"quota-ledger: broken chains: {', '.join(report['broken'])}", err=True)
         raise typer.Exit(1)
     if not report["ok"]:  # the change feed does not match the ledger (docs/changes.md)
-        if not run.json:
-            typer.echo(f"quota-ledger: change feed: {report['feed']}", err=True)
+        typer.echo(f"quota-ledger: change feed does not match the ledger: {feed}", err=True)
         raise typer.Exit(1)
 
 
