@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ledger.changefeed import wait_for_changes
 from worker.cli.options import DbOption, JsonOption, guarded, runtime
 
 #: Changes read per query; a larger --limit is read in several pages.
@@ -50,7 +51,6 @@ def changes(
 ) -> None:
     """The change feed after a position: numbers issued, used, invalidated or revived, filing
     decisions, status and eligibility changes, dead letters, renewal reminders."""
-    from ledger.changefeed import wait_for_changes
 
     run = runtime(ctx, db, as_json)
     cursor, printed = after, 0

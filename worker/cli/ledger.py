@@ -11,10 +11,22 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sqlmodel import Session
 
 from events import iso_utc
 from events.jsonl import batches, read_lines
+from ledger.audit import rebuild as rebuild_projections
+from ledger.audit import verify as verify_chains
 from ledger.clock import utcnow
+from ledger.db import current_revision, upgrade
+from ledger.queries import (
+    instance_history,
+    list_instances,
+    parked_events,
+    rejected_events,
+    service_number_info,
+    show_instance,
+)
 from worker import bootstrap, render
 from worker.cli.options import (
     APPLY_BATCH,
@@ -42,7 +54,6 @@ from worker.cli.options import (
 @guarded
 def db_upgrade(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Create or migrate the database schema to the current version (idempotent)."""
-    from ledger.db import current_revision, upgrade
 
     run = runtime(ctx, db, as_json)
     with run.engine(ensure=False) as engine:
@@ -124,9 +135,6 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """One instance: eligibility at T with reasons, slots, service numbers, filings."""
-    from sqlmodel import Session
-
-    from ledger.queries import show_instance
 
     when = parse_time(at, "--at") or utcnow()
     run = runtime(ctx, db, as_json)
@@ -152,9 +160,6 @@ def history(
     as_json: JsonOption = False,
 ) -> None:
     """The instance's ledger entries, oldest first (empty if none)."""
-    from sqlmodel import Session
-
-    from ledger.queries import instance_history
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine, Session(engine) as session:
@@ -198,9 +203,6 @@ def instances(
     as_json: JsonOption = False,
 ) -> None:
     """List instances, filtered by eligibility at T, product type, expiry, renewal due."""
-    from sqlmodel import Session
-
-    from ledger.queries import list_instances
 
     when = parse_time(at, "--at") or utcnow()
     before = parse_time(expiring_before, "--expiring-before")
@@ -230,9 +232,6 @@ def service_number(
     as_json: JsonOption = False,
 ) -> None:
     """One service number: instance, status, issue/invalidation, filing; exit 1 if unknown."""
-    from sqlmodel import Session
-
-    from ledger.queries import service_number_info
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine, Session(engine) as session:
@@ -256,9 +255,6 @@ def rejected(
     as_json: JsonOption = False,
 ) -> None:
     """The dead-letter store: inputs that were never appended, with code and error."""
-    from sqlmodel import Session
-
-    from ledger.queries import rejected_events
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine, Session(engine) as session:
@@ -284,9 +280,6 @@ def parked(
     as_json: JsonOption = False,
 ) -> None:
     """Events waiting behind a gap in their instance's publish numbers (SPEC §9)."""
-    from sqlmodel import Session
-
-    from ledger.queries import parked_events
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine, Session(engine) as session:
@@ -334,7 +327,6 @@ def rebuild(
     as_json: JsonOption = False,
 ) -> None:
     """Recompute every projection from the ledger; exit 1 if broken (or drift with --check)."""
-    from ledger.audit import rebuild as rebuild_projections
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine:
@@ -353,7 +345,6 @@ def rebuild(
 @guarded
 def verify(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Check every instance's hash chain against its head; exit 1 naming broken ones."""
-    from ledger.audit import verify as verify_chains
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine:
@@ -402,6 +393,8 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """Run the example scenario on a fresh embedded database and show the whole flow."""
+    # Imported here, not at the top: the demo brings fakeredis and an embedded worker, which
+    # every other command would pay for at start-up.
     from worker.demo import SCENARIO_CLOCK, DemoError, run_demo
 
     glob = ctx.find_root().obj or GlobalOptions()

@@ -21,12 +21,14 @@ import sqlalchemy.exc
 import typer
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine, make_url
+from sqlmodel import Session
 
 from events import PRODUCT_TYPES, parse_iso_utc
 from ledger.db import error_line
 from ledger.policy import Policy, PolicyError
 from ledger.rules import ELIGIBILITY_STATUSES
 from ledger.settings import Settings, get_settings
+from ledger.tables import LedgerEntry
 from worker import bootstrap, render
 
 P = ParamSpec("P")
@@ -246,9 +248,6 @@ def progress_bar(
 
 
 def count_entries(engine: Engine) -> int:
-    from sqlmodel import Session
-
-    from ledger.tables import LedgerEntry
 
     with Session(engine) as session:
         return session.execute(select(func.count()).select_from(LedgerEntry)).scalar_one()

@@ -14,10 +14,27 @@ import tempfile
 from contextlib import ExitStack
 from typing import Annotated, Any
 
+import kombu.exceptions
 import typer
+from kombu.utils.url import maybe_sanitize_url
+from rich.table import Table
+from rich.text import Text
+from sqlmodel import Session
 
+from events import BaseEvent, EventRejection
 from events.jsonl import batches, read_lines
-from events.publish import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, QUEUE_EVENTS, QUEUE_SWEEP
+from events.publish import (
+    DEFAULT_BATCH_SIZE,
+    MAX_BATCH_SIZE,
+    QUEUE_EVENTS,
+    QUEUE_SWEEP,
+    enqueue_batches,
+)
+from ledger.queries import unaccounted_event_ids
+from ledger.results import ApplyResult
+from ledger.service import Ledger
+from worker import bootstrap, render
+from worker.api.broker import broker_backlog
 from worker.cli.options import (
     UserError,
     cli_settings,
@@ -26,6 +43,7 @@ from worker.cli.options import (
     progress_bar,
     runtime,
 )
+from worker.ingest import BrokerUnavailable, enqueue_to, ingest
 
 __all__ = ["beat_command", "publish_command", "reconcile_command", "worker_command"]
 
@@ -82,11 +100,6 @@ def publish_command(
 
 
 def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_json: bool) -> None:
-    from events import EventRejection
-    from ledger.results import ApplyResult
-    from ledger.service import Ledger
-    from worker import bootstrap, render
-    from worker.ingest import BrokerUnavailable, enqueue_to, ingest
 
     # The input reading is apply's (events.jsonl), so both commands treat every line alike.
     run = runtime(ctx, db, as_json)
@@ -137,7 +150,6 @@ def _publish(ctx: typer.Context, file: str, batch_size: int, db: str | None, as_
 
 
 def _mask(url: str) -> str:
-    from kombu.utils.url import maybe_sanitize_url
 
     return str(maybe_sanitize_url(url))
 
@@ -150,10 +162,6 @@ def _publish_summary(
     listed: list[tuple[int, dict[str, Any]]],
     database: str,
 ) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    from worker import render
 
     out = render.console()
     if listed:
@@ -206,14 +214,6 @@ def reconcile_command(
 def _reconcile(
     ctx: typer.Context, file: str, republish: bool, db: str | None, as_json: bool
 ) -> None:
-    import kombu.exceptions
-    from sqlmodel import Session
-
-    from events import BaseEvent
-    from events.publish import enqueue_batches
-    from ledger.queries import unaccounted_event_ids
-    from worker import render
-    from worker.api.broker import broker_backlog
 
     run = runtime(ctx, db, as_json)
     broker_url = run.settings.broker_url
@@ -245,8 +245,6 @@ def _reconcile(
     if run.json:
         sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
     else:
-        from rich.text import Text
-
         out = render.console()
         for event_id in missing[:PUBLISH_LISTED]:
             out.print(event_id)
@@ -319,6 +317,7 @@ def _worker(
     if settings.metrics_port is not None:
         _serve_metrics(settings.metrics_port)
 
+    # The Celery app (and with it the tasks and the transport) only for the commands that run it.
     from worker.celery_app import create_app
 
     celery = create_app(settings)
@@ -344,6 +343,7 @@ def _serve_metrics(port: int) -> None:
     multiprocess mode: each process writes its samples to a shared directory)."""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quota-ledger-metrics-")
+    # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is imported.
     from celery.signals import worker_process_shutdown
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 

@@ -4,18 +4,22 @@ database's URL are the admins here; the HTTP API offers the same to the ``admin`
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated
 
 import typer
 
-from ledger.webhooks import delivery_view, endpoint_view
+from ledger.clock import utcnow
+from ledger.settings import get_settings
+from ledger.store.webhooks import add_endpoint, delivery_log, list_endpoints, remove_endpoint
+from ledger.webhooks import delivery_view, endpoint_problem, endpoint_view, new_secret
 from worker.cli.options import DbOption, JsonOption, UserError, guarded, print_json, runtime
+from worker.webhooks import DeliveryPolicy, deliver_due
 
 webhooks_app = typer.Typer(no_args_is_help=True, help="Webhook endpoints of the change feed.")
 
 
 def check_endpoint(url: str, kinds: list[str]) -> None:
-    from ledger.webhooks import endpoint_problem
 
     problem = endpoint_problem(url, kinds)
     if problem is not None:
@@ -38,9 +42,6 @@ def add(
     as_json: JsonOption = False,
 ) -> None:
     """Register an endpoint; prints its signing secret (shown this once)."""
-    from ledger.clock import utcnow
-    from ledger.store.webhooks import add_endpoint
-    from ledger.webhooks import new_secret
 
     chosen = list(kinds or [])
     check_endpoint(url, chosen)
@@ -61,7 +62,6 @@ def add(
 @guarded
 def list_(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Registered endpoints, their cursor and state."""
-    from ledger.store.webhooks import list_endpoints
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine:
@@ -87,7 +87,6 @@ def remove(
     as_json: JsonOption = False,
 ) -> None:
     """Remove an endpoint and its delivery log; exit 1 if there is none."""
-    from ledger.store.webhooks import remove_endpoint
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine:
@@ -110,7 +109,6 @@ def log(
     as_json: JsonOption = False,
 ) -> None:
     """An endpoint's latest delivery attempts, newest first."""
-    from ledger.store.webhooks import delivery_log
 
     run = runtime(ctx, db, as_json)
     with run.engine() as engine:
@@ -130,10 +128,6 @@ def log(
 @guarded
 def deliver(ctx: typer.Context, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Run one delivery pass now (beat runs one every QUOTA_LEDGER_WEBHOOK_INTERVAL seconds)."""
-    from datetime import timedelta
-
-    from ledger.settings import get_settings
-    from worker.webhooks import DeliveryPolicy, deliver_due
 
     run = runtime(ctx, db, as_json)
     days = get_settings().webhook_disable_after_days
