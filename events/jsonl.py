@@ -3,13 +3,15 @@ are skipped). Shared by ``quota-ledger apply`` and ``publish``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from events.codec import parse_event
 
 __all__ = ["Line", "batches", "read_lines"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,9 @@ def read_lines(stream: BinaryIO, advance: Callable[[int], None]) -> Iterator[Lin
             yield Line(number, parse_event(data), None)
 
 
-def batches(lines: Iterator[Line], size: int) -> Iterator[list[Line]]:
-    batch: list[Line] = []
+def batches(lines: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``lines`` in lists of ``size`` (the last one shorter)."""
+    batch: list[T] = []
     for line in lines:
         batch.append(line)
         if len(batch) >= size:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from events import Event, EventRejection, canonical_payload, parse_event
@@ -23,11 +24,12 @@ from ledger.resequencer import (
     Step,
     Tag,
     arrive,
+    skip_timed_out,
 )
 from ledger.results import ApplyResult, storable_text
 from ledger.store.parking import ParkedRow
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "open_gates", "plan"]
 
 Parsed = Event | EventRejection
 Refuse = Callable[[int, str, str, str | None, str], None]
@@ -35,6 +37,27 @@ Refuse = Callable[[int, str, str, str | None, str], None]
 
 class ParkedSource(Protocol):
     def parked(self, releases: Sequence[Release]) -> dict[tuple[str, int, int], ParkedRow]: ...
+
+
+class GateSource(Protocol):
+    def gates(self, instance_ids: Sequence[str]) -> dict[str, Gate]: ...
+    def now(self) -> datetime: ...
+
+
+def open_gates(
+    store: GateSource, tags: Sequence[Tag | None], gate_checks: Sequence[str], *, timeout: float
+) -> tuple[dict[str, Gate], list[Step]]:
+    """The gates of the numbered instances (loaded under their locks), and the steps of the
+    periodic check's skips: for each of ``gate_checks``, its gaps timed out by the database's
+    clock (read once)."""
+    gated = sorted({tag.instance_id for tag in tags if tag is not None} | set(gate_checks))
+    gates = store.gates(gated) if gated else {}
+    steps: list[Step] = []
+    now = store.now() if gate_checks else None
+    for instance_id in gate_checks:
+        assert now is not None
+        steps += skip_timed_out(gates[instance_id], now=now, timeout=timeout)
+    return gates, steps
 
 
 @dataclass

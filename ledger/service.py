@@ -29,18 +29,19 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from events import Event, EventRejection, canonical_payload, parse_event
+from events.jsonl import batches
 from ledger.changes import Change, dead_letter_change, derive_changes
 from ledger.clock import utcnow
 from ledger.entries import record
-from ledger.gating import plan
+from ledger.gating import open_gates, plan
 from ledger.numbers import new_service_number
 from ledger.policy import Policy
-from ledger.resequencer import Gate, Step, Tag, skip_timed_out
+from ledger.resequencer import Tag
 from ledger.results import ApplyResult, Prior, entry_service_number, invalid_result, storable_text
 from ledger.settings import DEFAULT_GAP_TIMEOUT, DEFAULT_MAX_PARKED
 from ledger.state import InstanceState
 from ledger.store import SqlStorage, Storage, Transaction
-from ledger.sweep import sweep_expiry
+from ledger.sweep import sweep_due
 
 __all__ = ["ApplyResult", "Ledger", "utcnow"]
 
@@ -85,20 +86,9 @@ class Ledger:
 
     def apply_lines(self, lines: Iterable[str], *, batch_size: int = 500) -> Iterator[ApplyResult]:
         """Apply JSONL lines (blank ones skipped) in batches; one result per non-blank line."""
-        batch: list[str] = []
-        for line in lines:
-            raw = line.rstrip("\r\n")
-            if raw.strip():
-                batch.append(raw)
-            if len(batch) >= batch_size:
-                yield from self._apply_raw(batch)
-                batch = []
-        if batch:
-            yield from self._apply_raw(batch)
-
-    def _apply_raw(self, raws: list[str]) -> list[ApplyResult]:
-        parsed: list[Parsed] = [parse_event(raw) for raw in raws]
-        return self.apply(parsed)
+        texts = (line.rstrip("\r\n") for line in lines if line.strip())
+        for batch in batches(texts, batch_size):
+            yield from self.apply([parse_event(raw) for raw in batch])
 
     def apply(
         self,
@@ -161,7 +151,7 @@ class Ledger:
         states = store.lock(instance_ids)
 
         # The resequencer decides what is applied now, and in which order (SPEC §9).
-        gates, checked = self._gates(store, tags, gate_checks)
+        gates, checked = open_gates(store, tags, gate_checks, timeout=self.gap_timeout)
         work = plan(store, items, raws, tags, gates, checked, results, refuse, self.max_parked)
 
         entries: list[dict[str, Any]] = []
@@ -228,19 +218,6 @@ class Ledger:
             self.on_released(released)
         return [result for result in results if result is not None]
 
-    def _gates(
-        self, store: Transaction, tags: list[Tag | None], gate_checks: Sequence[str]
-    ) -> tuple[dict[str, Gate], list[Step]]:
-        """The gates of the numbered instances, and the steps of the periodic check's skips."""
-        gated = sorted({tag.instance_id for tag in tags if tag is not None} | set(gate_checks))
-        gates = store.gates(gated) if gated else {}
-        steps: list[Step] = []
-        now = store.now() if gate_checks else None  # database time, read once
-        for instance_id in gate_checks:
-            assert now is not None
-            steps += skip_timed_out(gates[instance_id], now=now, timeout=self.gap_timeout)
-        return gates, steps
-
     def _record(
         self, state: InstanceState, event: Event, payload: str, now: datetime
     ) -> tuple[dict[str, Any], InstanceState]:
@@ -259,15 +236,9 @@ class Ledger:
 
     def sweep(self, *, now: datetime, chunk_size: int = 500) -> int:
         """Append ``instance.expired`` for every active subscription whose end is at or before
-        ``now``; returns how many expiries took effect. Its cost follows the number of due
-        instances, not of all instances; the event id is deterministic, so overlapping sweeps
-        are duplicates, never double expiries. Sweep expiries bypass the resequencer."""
-        expired = 0
-        after: tuple[datetime, str] | None = None
-        while due := self.storage.due_expiries(now=now, after=after, limit=chunk_size):
-            events = [sweep_expiry(instance_id, expires_at) for instance_id, expires_at in due]
-            expired += sum(1 for r in self.apply(events) if r.outcome == "applied")
-            after = (due[-1][1], due[-1][0])
+        ``now`` (``ledger.sweep.sweep_due``), then write the renewal reminders; returns how many
+        expiries took effect."""
+        expired = sweep_due(self.storage, self.apply, now=now, chunk_size=chunk_size)
         self.remind_renewals(now=now)
         return expired
 

@@ -4,11 +4,20 @@ never double-expire."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 from events import Event, iso_utc, validate_event
+from ledger.results import ApplyResult
 
-__all__ = ["sweep_event_id", "sweep_expiry"]
+__all__ = ["sweep_due", "sweep_event_id", "sweep_expiry"]
+
+
+class DueExpiries(Protocol):
+    def due_expiries(
+        self, *, now: datetime, after: tuple[datetime, str] | None, limit: int
+    ) -> list[tuple[str, datetime]]: ...
 
 
 def sweep_event_id(instance_id: str, expires_at: datetime) -> str:
@@ -27,3 +36,23 @@ def sweep_expiry(instance_id: str, expires_at: datetime) -> Event:
             "expires_at": end,
         }
     )
+
+
+def sweep_due(
+    storage: DueExpiries,
+    apply: Callable[[Sequence[Event]], list[ApplyResult]],
+    *,
+    now: datetime,
+    chunk_size: int,
+) -> int:
+    """Apply an expiry for every active subscription whose end is at or before ``now``, a keyset
+    page at a time; returns how many took effect. Its cost follows the number of due instances,
+    not of all instances; the event id is deterministic, so overlapping sweeps are duplicates,
+    never double expiries. Sweep expiries bypass the resequencer (no sequence numbers)."""
+    expired = 0
+    after: tuple[datetime, str] | None = None
+    while due := storage.due_expiries(now=now, after=after, limit=chunk_size):
+        events = [sweep_expiry(instance_id, expires_at) for instance_id, expires_at in due]
+        expired += sum(1 for result in apply(events) if result.outcome == "applied")
+        after = (due[-1][1], due[-1][0])
+    return expired

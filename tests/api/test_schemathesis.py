@@ -67,6 +67,18 @@ schemathesis.openapi.format(
 # Requests sent and answers seen, for the summary the last test prints (pytest -s shows it).
 TALLY: Counter[str] = Counter()
 
+#: GET /v1/changes long-polls up to ``wait`` seconds (≤ 30) when no change is newer than
+#: ``after``; the fuzzer's waits are cut to this so that a case costs a moment, not half a minute.
+#: A cut wait is still a valid request, so the checks are unchanged.
+SHORTEST_WAIT = 0.2
+
+
+def short_waits(case: schemathesis.Case) -> schemathesis.Case:
+    wait = (case.query or {}).get("wait")
+    if isinstance(wait, int | float) and not isinstance(wait, bool) and wait > SHORTEST_WAIT:
+        case.query["wait"] = SHORTEST_WAIT
+    return case
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
@@ -106,7 +118,7 @@ def test_every_operation_conforms(api_schema: Any) -> None:
     assert len(operations) >= 10, [op.label for op in operations]
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            strategy = operation.as_strategy(generation_mode=mode)
+            strategy = operation.as_strategy(generation_mode=mode).map(short_waits)
 
             @hypothesis.seed(SEED)
             @hypothesis_settings(
@@ -135,6 +147,10 @@ def test_stateful_walk_conforms(api_schema: Any) -> None:
     machine = api_schema.as_state_machine()
 
     class Walk(machine):  # type: ignore[misc, valid-type]
+        def before_call(self, case: schemathesis.Case) -> None:
+            super().before_call(case)
+            short_waits(case)
+
         def after_call(self, response: Any, case: schemathesis.Case) -> None:
             super().after_call(response, case)
             TALLY["stateful calls"] += 1

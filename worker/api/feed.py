@@ -73,7 +73,12 @@ admin = [Depends(require_scope("admin"))]
     dependencies=admin,
     status_code=201,
     response_model=None,
-    responses={**_responses(schemas.WebhookEndpoint), 201: {"model": schemas.WebhookEndpoint}},
+    responses={
+        **_responses(schemas.WebhookEndpoint),
+        201: {"model": schemas.WebhookEndpoint},
+        # FastAPI reads a JSON body before the scope check runs: a body that is not JSON is a 400.
+        400: {"model": schemas.Error, "description": "The body is not JSON"},
+    },
     summary="Register a webhook endpoint; the answer carries its signing secret (only this once)",
 )
 async def create_webhook(
