@@ -426,6 +426,14 @@ def test_configuration_errors(cli, tmp_path: Path) -> None:
     # The same one line from serve (no traceback: the fixture refuses one), before any port.
     proc = cli("serve", "--port", "1", "--db", f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
     assert proc.returncode == 2 and f"the directory {tmp_path / 'no' / 'such'} " in proc.stderr
+    # And from the worker, before it connects to any broker (this one does not exist).
+    proc = cli(
+        "worker",
+        "--db",
+        f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}",
+        extra_env={"QUOTA_LEDGER_BROKER_URL": "redis://127.0.0.1:1/0"},
+    )
+    assert proc.returncode == 2 and f"the directory {tmp_path / 'no' / 'such'} " in proc.stderr
 
     # The environment names the database when --db is absent; a fresh file just works.
     env = {"QUOTA_LEDGER_DATABASE_URL": f"sqlite:///{tmp_path / 'env.db'}"}

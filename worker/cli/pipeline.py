@@ -15,6 +15,7 @@ from contextlib import ExitStack
 from typing import Annotated, Any
 
 import kombu.exceptions
+import sqlalchemy.exc
 import typer
 from kombu.utils.url import maybe_sanitize_url
 from rich.table import Table
@@ -30,6 +31,7 @@ from events.publish import (
     QUEUE_SWEEP,
     enqueue_batches,
 )
+from ledger.db import error_line, make_engine
 from ledger.queries import unaccounted_event_ids
 from ledger.results import ApplyResult
 from ledger.service import Ledger
@@ -38,6 +40,7 @@ from worker.api.broker import broker_backlog
 from worker.cli.options import (
     UserError,
     cli_settings,
+    fail,
     guarded,
     open_input,
     progress_bar,
@@ -314,6 +317,7 @@ def _worker(
     db: str | None,
 ) -> None:
     settings = cli_settings(ctx, db)
+    _refuse_unusable_database(settings.database_url)
     if settings.metrics_port is not None:
         _serve_metrics(settings.metrics_port)
 
@@ -336,6 +340,16 @@ def _worker(
     if concurrency is not None:
         argv.append(f"--concurrency={concurrency}")
     celery.worker_main(argv)
+
+
+def _refuse_unusable_database(url: str) -> None:
+    """A database URL that can never work (malformed, or a SQLite file in a directory that does
+    not exist) is a usage error at start-up, not a traceback every few seconds from a running
+    worker. A database that is only down is waited for: the worker retries."""
+    try:
+        make_engine(url).dispose()  # builds the engine without connecting
+    except (ValueError, sqlalchemy.exc.ArgumentError) as exc:
+        fail(error_line(exc))
 
 
 def _serve_metrics(port: int) -> None:
@@ -366,6 +380,7 @@ def _beat(ctx: typer.Context, loglevel: str) -> None:
     from worker.celery_app import beat_schedule_path, create_app
 
     settings = cli_settings(ctx)
+    _refuse_unusable_database(settings.database_url)
     celery = create_app(settings)
     schedule = beat_schedule_path(settings)
     celery.Beat(loglevel=loglevel, schedule=str(schedule)).run()
