@@ -566,12 +566,25 @@ def test_f9_scrapes_reuse_their_redis_and_database_connections(postgres_url: str
                     assert httpx.get(f"{server.base_url}/readyz", timeout=10).status_code == 200
                     assert httpx.get(f"{server.base_url}/metrics", timeout=10).status_code == 200
 
+            def settled_backends() -> set[int]:
+                # A connection the server closed (its start-up schema check's) leaves
+                # pg_stat_activity a moment after the close, which a loaded machine stretches:
+                # read until two readings half a second apart agree.
+                seen = backends()
+                for _ in range(20):
+                    time.sleep(0.5)
+                    again = backends()
+                    if again == seen:
+                        return seen
+                    seen = again
+                return seen
+
             scrape(2)
-            redis_ids, pids = _redis_client_ids(broker), backends()
-            assert 1 <= len(redis_ids) <= 2 and 1 <= len(pids) <= 2
+            redis_ids, pids = _redis_client_ids(broker), settled_backends()
+            assert 1 <= len(redis_ids) <= 2 and 1 <= len(pids) <= 2, pids
             scrape(10)
             assert _redis_client_ids(broker) == redis_ids  # no new Redis connection
-            assert backends() == pids  # no new database connection
+            assert settled_backends() == pids  # no new database connection
 
 
 # --- finding 10: headers, secrets, sign-in throttling --------------------------------------------
