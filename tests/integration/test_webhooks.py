@@ -6,6 +6,7 @@ and an endpoint that keeps failing is disabled."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -23,7 +24,7 @@ from ledger.store import webhooks as store
 from ledger.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.helpers.webhooks import Receiver
 from tests.support import Events, day
-from worker.webhooks import DeliveryPolicy, deliver_due
+from worker.webhooks import DeliveryPolicy, deliver_due, http_post
 
 
 @pytest.fixture
@@ -126,6 +127,56 @@ def test_a_receiver_that_fails_then_recovers_gets_every_change_in_order(
     log = store.delivery_log(engine, row["id"])
     assert [entry["status"] for entry in reversed(log)][:6] == [500, 503, 200, 500, 429, 200]
     assert [entry["attempt"] for entry in reversed(log)][:6] == [1, 2, 3, 1, 2, 3]
+
+
+@pytest.mark.postgres
+def test_deliverers_racing_for_one_endpoint_post_each_change_once_in_order(
+    postgres_url: str, receiver: Receiver
+) -> None:
+    """Four deliverers (as four beat-scheduled tasks on different workers would) run passes
+    at the same time on PostgreSQL: the endpoint's lease lets one at a time post, so every
+    change arrives exactly once and in feed order."""
+    from ledger.db import ensure_schema, make_engine
+
+    engine = make_engine(postgres_url)
+    try:
+        ensure_schema(engine)
+        ev = Events()
+        events = []
+        for n in range(30):
+            events += [ev.purchase(f"r{n}"), ev.request(f"r{n}"), ev.request(f"r{n}", at=2)]
+        _apply(engine, *events)
+        total = len(changes_after(engine, after=0, limit=10_000))
+        store.add_endpoint(
+            engine, url=receiver.url, kinds=[], secret="s", now=day(0), from_start=True
+        )
+        policy = DeliveryPolicy(batch=7)  # many short passes: many chances to overlap
+        claimed: list[int] = []
+        start = threading.Barrier(4)
+
+        def slow_post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Any:
+            time.sleep(0.002)  # a receiver that takes a moment: passes overlap
+            return http_post(url, body, headers, timeout)
+
+        def deliverer() -> None:
+            start.wait()
+            while len(receiver.accepted()) < total:
+                claimed.append(
+                    deliver_due(engine, clock=Clock(), policy=policy, post=slow_post).endpoints
+                )
+
+        threads = [threading.Thread(target=deliverer) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        positions = [json.loads(body)["position"] for _, body in receiver.accepted()]
+        assert positions == list(range(1, total + 1))  # each once, in order
+        assert len(receiver.requests) == total  # and never posted twice
+        # The race was real: passes found the endpoint leased to another deliverer.
+        assert claimed.count(0) > 0 and claimed.count(1) >= total // 7
+    finally:
+        engine.dispose()
 
 
 def test_a_replayed_body_with_an_old_timestamp_is_rejected(
