@@ -118,67 +118,75 @@ def _top_functions(profiler: cProfile.Profile, limit: int = 12) -> list[str]:
     return [line.strip() for line in lines[start : start + limit + 1] if line.strip()]
 
 
-def _embedded(ctx: Context, lines: list[str]) -> tuple[float, float, StageClock, list[str]]:
+Run = tuple[float, float, StageClock, list[str]]
+
+
+def _measure(
+    open_ledger: Callable[[], contextlib.AbstractContextManager[Ledger]],
+    work: Callable[[Ledger], None],
+) -> Run:
     """(seconds unprofiled, seconds with the stage clock, the clock, cProfile's top functions)
-    of ``apply_lines`` on fresh SQLite files."""
+    of ``work`` on a fresh ledger each time."""
 
     def once(profile: StageClock | None, profiler: cProfile.Profile | None) -> float:
+        with open_ledger() as ledger_, profile.installed() if profile else contextlib.nullcontext():
+            started = time.perf_counter()
+            if profiler:
+                profiler.enable()
+            work(ledger_)
+            if profiler:
+                profiler.disable()
+            return time.perf_counter() - started
+
+    # The best of two plain runs: the first also pays one-off costs (compiled SQL, caches).
+    plain = min(once(None, None), once(None, None))
+    clock = StageClock()
+    timed = once(clock, None)
+    profiler = cProfile.Profile()
+    once(None, profiler)
+    return plain, timed, clock, _top_functions(profiler)
+
+
+def _embedded(ctx: Context, lines: list[str]) -> Run:
+    """``apply_lines`` on fresh SQLite files."""
+
+    @contextlib.contextmanager
+    def sqlite_ledger() -> Iterator[Ledger]:
         with tempfile.TemporaryDirectory(prefix="ql-bench-profile-") as tmp:
             url = f"sqlite:///{Path(tmp) / 'ledger.db'}"
             upgrade(url)
             engine = make_engine(url)
             try:
-                ledger_ = Ledger(engine, ctx.policy)
-                with profile.installed() if profile else contextlib.nullcontext():
-                    started = time.perf_counter()
-                    if profiler:
-                        profiler.enable()
-                    for _ in ledger_.apply_lines(lines, batch_size=500):
-                        pass
-                    if profiler:
-                        profiler.disable()
-                    return time.perf_counter() - started
+                yield Ledger(engine, ctx.policy)
             finally:
                 engine.dispose()
 
-    # The best of two plain runs: the first also pays one-off costs (compiled SQL, caches).
-    plain = min(once(None, None), once(None, None))
-    clock = StageClock()
-    timed = once(clock, None)
-    profiler = cProfile.Profile()
-    once(None, profiler)
-    return plain, timed, clock, _top_functions(profiler)
+    def work(ledger_: Ledger) -> None:
+        for _ in ledger_.apply_lines(lines, batch_size=500):
+            pass
+
+    return _measure(sqlite_ledger, work)
 
 
-def _postgres(ctx: Context, lines: list[str]) -> tuple[float, float, StageClock, list[str]]:
-    """The same on PostgreSQL: each line parsed as a task decodes it, then ``Ledger.apply`` per
-    batch of 500 (one task's transaction), in fresh databases."""
+def _postgres(ctx: Context, lines: list[str]) -> Run:
+    """Each line parsed as a task decodes it, then ``Ledger.apply`` per batch of 500 (one
+    task's transaction), in fresh PostgreSQL databases."""
 
-    def once(profile: StageClock | None, profiler: cProfile.Profile | None) -> float:
+    @contextlib.contextmanager
+    def postgres_ledger() -> Iterator[Ledger]:
         url = ctx.postgres.create()
         try:
             with engine_for(url) as engine:
-                ledger_ = Ledger(engine, ctx.policy)
-                with profile.installed() if profile else contextlib.nullcontext():
-                    parse = ledger.service.parse_event  # the timed one while profiling
-                    started = time.perf_counter()
-                    if profiler:
-                        profiler.enable()
-                    for batch in data.iter_chunks(lines, 500):
-                        ledger_.apply([parse(line) for line in batch])
-                    if profiler:
-                        profiler.disable()
-                    return time.perf_counter() - started
+                yield Ledger(engine, ctx.policy)
         finally:
             ctx.postgres.drop(url)
 
-    # The best of two plain runs: the first also pays one-off costs (compiled SQL, caches).
-    plain = min(once(None, None), once(None, None))
-    clock = StageClock()
-    timed = once(clock, None)
-    profiler = cProfile.Profile()
-    once(None, profiler)
-    return plain, timed, clock, _top_functions(profiler)
+    def work(ledger_: Ledger) -> None:
+        parse = ledger.service.parse_event  # the timed one while profiling
+        for batch in data.iter_chunks(lines, 500):
+            ledger_.apply([parse(line) for line in batch])
+
+    return _measure(postgres_ledger, work)
 
 
 def profile(ctx: Context) -> Result:
