@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-import time
+import pytest
 
+import bench.profile
 from bench.profile import STAGES, StageClock
 
 
-def test_a_nested_stage_is_charged_to_itself_not_to_its_caller() -> None:
+def test_a_nested_stage_is_charged_to_itself_not_to_its_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A clock the stages advance by hand: the figures are exact, whatever the machine's load.
+    now = [0.0]
+    monkeypatch.setattr(bench.profile.time, "perf_counter", lambda: now[0])
+
+    def spend(seconds: float) -> None:
+        now[0] += seconds
+
     clock = StageClock()
-    inner = clock.wrap("inner", lambda: time.sleep(0.05))
+    inner = clock.wrap("inner", lambda: spend(5.0))
 
     def outer_body() -> None:
-        time.sleep(0.02)
+        spend(2.0)
         inner()
 
     clock.wrap("outer", outer_body)()
-    assert clock.seconds["inner"] >= 0.05
-    # The caller keeps its own 20 ms, not the 70 ms it spent in all.
-    assert 0.02 <= clock.seconds["outer"] < 0.045
+    # The caller keeps its own 2 s, not the 7 s it spent in all.
+    assert clock.seconds == {"inner": 5.0, "outer": 2.0}
     assert clock.calls == {"inner": 1, "outer": 1}
 
 
