@@ -3,8 +3,8 @@ only): a real worker reaches PostgreSQL and Redis only through a TCP proxy that 
 (FIN) and resets (RST) its connections
 
 - to PostgreSQL while a transaction is open (a batch half written),
-- to Redis while the worker waits in BRPOP on an empty queue, and while it is busy (messages
-  delivered and not acknowledged yet).
+- to Redis while the worker waits on an empty queue (its blocking ``BLMOVE``:
+  worker/transport.py), and while it is busy (messages delivered and not acknowledged yet).
 
 The pipeline recovers by itself: dead connections are replaced (SQLAlchemy's pre-ping, kombu's
 reconnect), the transactions that broke are retried, messages whose ack was lost come back after
@@ -86,9 +86,10 @@ def test_stalled_cut_and_reset_connections_lose_and_duplicate_nothing(
         with pg_admin.connect() as conn:
             return conn.execute(OPEN_TRANSACTIONS, {"db": database}).scalar_one() > 0
 
-    def in_brpop() -> bool:
+    def waiting() -> bool:
+        """The worker is blocked in its wait for a message (worker/transport.py)."""
         return any(
-            c.get("cmd") == "brpop" and int(c.get("db", -1)) == index for c in client.client_list()
+            c.get("cmd") == "blmove" and int(c.get("db", -1)) == index for c in client.client_list()
         )
 
     def applied(n: int) -> bool:
@@ -104,9 +105,9 @@ def test_stalled_cut_and_reset_connections_lose_and_duplicate_nothing(
             time.sleep(0.5)
         wait_until(lambda: applied(len(rounds[0])), 90, "round 1 in the ledger")
 
-        # 2. Redis, idle: the worker waits in BRPOP on the empty queue; reset that connection.
-        wait_until(in_brpop, 30, "the worker blocked in BRPOP")
-        hits["redis_reset_in_brpop"] = broker.reset()
+        # 2. Redis, idle: the worker waits on the empty queue; reset that connection.
+        wait_until(waiting, 30, "the worker blocked in its wait")
+        hits["redis_reset_in_wait"] = broker.reset()
         time.sleep(1.0)
         # Busy: messages delivered and unacknowledged; cut, then stall.
         publish(rounds[1])
@@ -116,9 +117,9 @@ def test_stalled_cut_and_reset_connections_lose_and_duplicate_nothing(
             time.sleep(1.0)
         wait_until(lambda: applied(len(rounds[0]) + len(rounds[1])), 90, "round 2 in the ledger")
 
-        # 3. Redis stalled for 10 s while the worker waits in BRPOP; events arrive meanwhile.
-        wait_until(in_brpop, 30, "the worker blocked in BRPOP")
-        hits["redis_stall_in_brpop"] = broker.stall(10)
+        # 3. Redis stalled for 10 s while the worker waits; events arrive meanwhile.
+        wait_until(waiting, 30, "the worker blocked in its wait")
+        hits["redis_stall_in_wait"] = broker.stall(10)
         publish(rounds[2])
         wait_until(lambda: applied(total), 120, "every event in the ledger")
         settled_count(engine, pipeline.broker_url, 60)
