@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, NoReturn
 
+import orjson
 from pydantic import ValidationError
 
 from events.models import EVENT_MODELS, EVENT_TYPES, BaseEvent, Event, is_valid_event_id
@@ -74,8 +75,44 @@ def canonical_json(obj: Any) -> str:
 
     ``allow_nan=False``: NaN/Infinity are not JSON and would make the text unparseable by
     other languages (and every event value is finite anyway).
+
+    The spelling is the standard library's (:data:`_CANONICAL_ENCODE`); orjson writes the very
+    same bytes ten times faster for everything but floats (it spells ``0.00001`` where Python
+    spells ``1e-05``), so a value without floats goes through orjson, and anything orjson
+    refuses (an int beyond 64 bits, a lone surrogate, a non-string key) through the standard
+    library. ``tests/property/test_canonical_json.py`` pins the two to the same output.
     """
+    if _without_floats(obj):
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
+        except TypeError:  # orjson.JSONEncodeError is a TypeError
+            pass
     return _CANONICAL_ENCODE(obj)
+
+
+_SCALARS_ALIKE = frozenset({str, int, bool, type(None)})
+_CONTAINERS = frozenset({dict, list, tuple})
+
+
+def _without_floats(obj: Any) -> bool:
+    """``obj`` is made only of dicts, lists, tuples, strings, ints, bools and None (exact types:
+    a subclass or a Decimal is left to the standard library). A loop, not a generator: it runs
+    for every payload and every chain hash."""
+    kind = type(obj)
+    if kind is dict:
+        values: Any = obj.values()
+    elif kind is list or kind is tuple:
+        values = obj
+    else:
+        return kind in _SCALARS_ALIKE
+    for value in values:
+        kind = type(value)
+        if kind in _SCALARS_ALIKE:
+            continue
+        if kind in _CONTAINERS and _without_floats(value):
+            continue
+        return False
+    return True
 
 
 # What json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
