@@ -207,7 +207,9 @@ class Channel(kombu_redis.Channel):
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
-            self._flush_brpop_reauth()
+            flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.6
+            if flush_reauth is not None:
+                flush_reauth()
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection.client is None:
