@@ -29,6 +29,28 @@ def test_kombu_redis_channel_has_the_methods_worker_transport_overrides() -> Non
     assert "connection" in inspect.getsource(channel._connparams)
 
 
+def test_kombu_redis_consumer_loop_is_what_the_atomic_take_replaces() -> None:
+    """worker/transport.py replaces kombu's BRPOP-then-record: ``_brpop_start`` sends a command
+    on the channel's client connection, ``_brpop_read`` parses it and hands the message to
+    ``connection._deliver``, which calls ``QoS.append`` (the record it skips)."""
+    channel = kombu_redis.Channel
+    start = inspect.getsource(channel._brpop_start)
+    assert "self._queue_cycle.consume(len(self.active_queues))" in start
+    assert "self._q_for_pri(queue, pri) for pri in self.priority_steps" in start
+    assert "self._in_poll = self.client.connection" in start
+    read = inspect.getsource(channel._brpop_read)
+    assert "self._queue_cycle.rotate(dest)" in read
+    assert "self.connection._deliver(loads(bytes_to_str(item)), dest)" in read
+    assert "self._in_poll = None" in read
+    assert list(inspect.signature(kombu_redis.QoS.append).parameters) == [
+        "self",
+        "message",
+        "delivery_tag",
+    ]
+    assert "self.unacked_key" in inspect.getsource(kombu_redis.QoS.append)
+    assert {"unacked_key", "unacked_index_key"} <= set(dir(channel))
+
+
 def test_redis_client_parse_response_keeps_its_signature() -> None:
     parameters = inspect.signature(redis.Redis.parse_response).parameters
     assert list(parameters)[:3] == ["self", "connection", "command_name"]
