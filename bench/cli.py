@@ -51,14 +51,6 @@ def _headline(result: dict[str, Any]) -> tuple[str, str]:
     """The figure and the baseline as one short line each."""
     f, b = result["figures"], result.get("baseline") or {}
     name = result["scenario"]
-    if name == "query":
-        return f"p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms", "—"
-    if name == "rebuild":
-        return (
-            f"{f['entries_per_s']:,} entries/s, peak RSS {f['peak_rss_mb']:,.0f} MB "
-            f"({f['entries']:,} entries, drift {f['drift']}, broken {f['broken']})",
-            "—",
-        )
     if name == "sweep":
         return (
             f"{f['seconds']:.2f} s ({f['due']:,} due of {f['instances']:,})",
@@ -83,6 +75,28 @@ def _headline(result: dict[str, Any]) -> tuple[str, str]:
             )
             for path in ("embedded_sqlite", "batched_postgresql")
         ), "—"
+    if name == "scaling":
+        return (
+            "; ".join(
+                f"{label} "
+                + " / ".join(f"{f[f'{label}_{c}']['events_per_s']:,}" for c in (1, 2, 4))
+                + " events/s"
+                for label in ("single", "batched")
+            )
+            + " (1 / 2 / 4 worker processes)",
+            f"{b['events_per_s']:,} events/s (batched, 1 process)",
+        )
+    if name == "query":
+        return (
+            f"p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms",
+            f"raw reads p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms" if b else "—",
+        )
+    if name == "rebuild":
+        return (
+            f"{f['entries_per_s']:,} entries/s, peak RSS {f['peak_rss_mb']:,.0f} MB "
+            f"({f['entries']:,} entries, drift {f['drift']}, broken {f['broken']})",
+            f"{b['entries_per_s']:,} entries/s read and hashed" if b else "—",
+        )
     if "tasks_per_s" in b:
         return f"{f['events_per_s']:,} events/s", f"{b['tasks_per_s']:,} no-op tasks/s"
     return f"{f['events_per_s']:,} events/s", f"{b['rows_per_s']:,} rows/s"
@@ -210,7 +224,7 @@ def markdown(document: dict[str, Any]) -> str:
             continue
         figures, base = _headline(result)
         ratio = "—" if result["ratio"] is None else f"{result['ratio']:.3f}"
-        met = "yes" if result["met"] else "**no**"
+        met = "—" if result["met"] is None else "yes" if result["met"] else "**no**"
         lines.append(
             f"| {result['title']} | {result['measure']} | {figures} | {base} | {ratio} "
             f"| {result['target']} | {met} |"

@@ -24,6 +24,7 @@ from sqlmodel import Session
 
 from bench import data
 from bench.env import Postgres, Processes, RedisDb, engine_for
+from ledger.chain import CHAIN_FIELDS
 from ledger.db import make_engine, upgrade
 from ledger.policy import Policy, load_policy
 from ledger.queries import show_instance
@@ -367,8 +368,12 @@ def query(ctx: Context) -> Result:
             if number >= 200:  # the first 200 warm the pool and the caches
                 timings.append(elapsed * 1000)
     timings.sort()
-    p50 = statistics.median(timings)
-    p99 = timings[int(len(timings) * 0.99) - 1]
+    p50, p99 = _percentiles(timings)
+    ctx.log("  baseline: the same two reads by raw psycopg …")
+    raw = _raw_show_timings(large.url, ids)
+    raw_p50, raw_p99 = _percentiles(raw)
+    # Medians: a p99 of sub-millisecond reads on a shared machine is the scheduler's, not ours.
+    ratio = p50 / raw_p50
     return Result(
         "query",
         "query (show)",
@@ -380,12 +385,49 @@ def query(ctx: Context) -> Result:
             "mean_ms": round(statistics.fmean(timings), 3),
             "max_ms": round(timings[-1], 3),
         },
-        None,
-        None,
-        "p99 < 10 ms",
-        p99 < 10,
+        {
+            "what": "the same instances' two reads (instance row by key, parked count) by raw "
+            "psycopg on one open connection, no JSON decoding, no view",
+            "p50_ms": round(raw_p50, 3),
+            "p99_ms": round(raw_p99, 3),
+        },
+        ratio,
+        f"ratio ≤ {QUERY_MAX_RATIO:g} (p50 vs p50) and p99 < 10 ms",
+        ratio <= QUERY_MAX_RATIO and p99 < 10,
         params={"instances": large.instances, "entries": large.entries},
     )
+
+
+#: show may cost this many times the raw reads it is made of: a session and a pooled
+#: connection's checkout, the ORM row, the state's JSON decoding and the view.
+QUERY_MAX_RATIO = 10.0
+
+
+def _percentiles(timings: list[float]) -> tuple[float, float]:
+    ordered = sorted(timings)
+    return statistics.median(ordered), ordered[int(len(ordered) * 0.99) - 1]
+
+
+def _raw_show_timings(url: str, ids: list[str]) -> list[float]:
+    """Milliseconds per instance of the reads ``show`` is made of, as raw as they come: the
+    instance row by primary key and its parked-event count, on one open psycopg connection,
+    the first 200 (warm-up) dropped."""
+    import psycopg
+
+    timings = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        for number, iid in enumerate(ids):
+            started = time.perf_counter()
+            row = conn.execute("SELECT * FROM instances WHERE instance_id = %s", (iid,)).fetchone()
+            conn.execute(
+                "SELECT count(*) FROM parked_events WHERE instance_id = %s", (iid,)
+            ).fetchone()
+            elapsed = time.perf_counter() - started
+            if row is None:
+                raise RuntimeError(f"raw read of {iid} found nothing")
+            if number >= 200:
+                timings.append(elapsed * 1000)
+    return timings
 
 
 # --- rebuild ------------------------------------------------------------------------------------
@@ -413,6 +455,11 @@ def rebuild(ctx: Context) -> Result:
     report = json.loads(stdout)
     entries_per_s = rate(report["entries"], seconds)
     peak_mb = peak_kib * 1024 / 1e6
+    ctx.log("  baseline: read every entry and hash it, plain Python …")
+    read_entries, read_seconds = _read_and_hash(large.url)
+    baseline = rate(read_entries, read_seconds)
+    ratio = entries_per_s / baseline
+    sound = not report["drift"] and not report["broken"]
     return Result(
         "rebuild",
         "rebuild",
@@ -427,12 +474,40 @@ def rebuild(ctx: Context) -> Result:
             "drift": len(report["drift"]),
             "broken": len(report["broken"]),
         },
-        None,
-        None,
-        "≥ 20,000 entries/s, peak RSS < 500 MB",
-        entries_per_s >= 20_000 and peak_mb < 500 and not report["drift"] and not report["broken"],
+        {
+            "what": "the same entries read in chain order by raw psycopg (server-side cursor) "
+            "and each hashed as the chain does (events.codec canonical JSON + sha256), in "
+            "this process: what no rebuild can beat",
+            "entries": read_entries,
+            "seconds": round(read_seconds, 2),
+            "entries_per_s": round(baseline),
+        },
+        ratio,
+        "ratio ≥ 0.5, peak RSS < 500 MB",
+        ratio >= 0.5 and peak_mb < 500 and sound,
         notes=["peak RSS: ru_maxrss of the rebuild process (wait4)"],
     )
+
+
+def _read_and_hash(url: str) -> tuple[int, float]:
+    """Read every ledger entry in chain order and hash it (the least work a rebuild does):
+    (entries, seconds)."""
+    import psycopg
+
+    from ledger.chain import entry_hash
+
+    columns = ", ".join(("instance_id", *CHAIN_FIELDS, "hash"))
+    count = 0
+    started = time.perf_counter()
+    with psycopg.connect(url) as conn, conn.cursor(name="bench_read_and_hash") as cursor:
+        cursor.itersize = 10_000
+        cursor.execute(f"SELECT {columns} FROM ledger_entries ORDER BY instance_id, instance_seq")
+        for row in cursor:
+            fields = dict(zip(CHAIN_FIELDS, row[1:-1], strict=True))
+            if entry_hash(**fields) != row[-1]:
+                raise RuntimeError(f"entry {row[0]}#{row[1]} does not hash to its hash")
+            count += 1
+    return count, time.perf_counter() - started
 
 
 SCENARIOS: dict[str, Callable[[Context], Result]] = {

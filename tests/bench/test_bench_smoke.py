@@ -27,10 +27,11 @@ SCENARIOS = {
     "celery_single",
     "celery_batched",
     "resequencer",
+    "scaling",
     "profile",
 }
 #: Scenarios that inform and have no target to meet.
-INFORMATIONAL = {"resequencer", "profile"}
+INFORMATIONAL = {"resequencer", "scaling", "profile"}
 
 
 def _bench_databases() -> set[str]:
@@ -82,7 +83,7 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
         # An informational scenario (the resequencer's cost, the profile) has no target.
         assert isinstance(result["met"], bool) or (name in INFORMATIONAL and result["met"] is None)
         assert result["target"]
-        if name in ("query", "rebuild", "profile"):
+        if name == "profile":
             assert result["baseline"] is None and result["ratio"] is None
         else:
             _numbers({k: v for k, v in result["baseline"].items() if k != "what"})
@@ -90,6 +91,14 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
     # The loaded ledger is real: rebuild finds no drift and no broken chain.
     assert results["rebuild"]["figures"]["drift"] == 0
     assert results["rebuild"]["figures"]["broken"] == 0
+    # Every worker process count ran, and each party's CPU per event was read.
+    scaling = results["scaling"]["figures"]
+    for label in ("single", "batched"):
+        for processes in (1, 2, 4):
+            run = scaling[f"{label}_{processes}"]
+            assert run["events_per_s"] > 0
+            assert set(run["cpu_us_per_event"]) == {"worker", "postgres", "redis", "publisher"}
+            assert run["cpu_us_per_event"]["worker"] > 0
     # The profile ran after celery_batched and so estimated the Celery share; every stage was
     # timed on both paths (a stage never called would mean a wrapper no longer on the path).
     profile = results["profile"]["figures"]
