@@ -124,3 +124,37 @@ def test_unique_violation_in_copy_is_retried(
         assert verify(engine).to_json()["ok"]
     finally:
         engine.dispose()
+
+
+def test_the_merged_feed_statement_writes_what_take_then_insert_writes(postgres_url: str) -> None:
+    """``append_changes`` numbers and inserts a few changes in one statement on PostgreSQL;
+    the rows are exactly those of the plain path (the counter's UPDATE, then the INSERT): the
+    same columns, the same conversions (NULLs, UTC times, JSON data), consecutive positions."""
+    from datetime import timedelta
+
+    from ledger.changes import Change
+    from ledger.store import feed
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    changes = [
+        Change("service_number.issued", "i-1", "ev-1", 3, NOW, {"number": "ICP-1", "n": 2**40}),
+        Change("dead_lettered", None, None, None, NOW + timedelta(microseconds=7), {}),
+        Change("renewal.reminder", "i-2", None, None, NOW, {"text": '备案 "x" \\ é', "l": [1]}),
+    ]
+    recorded = NOW + timedelta(seconds=1)
+    columns = "kind, instance_id, event_id, instance_seq, occurred_at, recorded_at, data"
+    try:
+        with engine.begin() as conn:
+            merged_last = feed._take_and_insert(conn, changes, recorded)
+            plain_last = feed._take_then_insert(conn, changes, recorded)
+            rows = conn.execute(
+                text(f"SELECT position, {columns} FROM ledger_changes ORDER BY position")
+            ).all()
+    finally:
+        engine.dispose()
+    assert (merged_last, plain_last) == (3, 6)
+    assert [row[0] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert [tuple(row[1:]) for row in rows[:3]] == [tuple(row[1:]) for row in rows[3:]]
+    assert rows[0][7] == {"number": "ICP-1", "n": 2**40} and rows[2][7]["text"] == '备案 "x" \\ é'
+    assert rows[1][5] == NOW + timedelta(microseconds=7)
