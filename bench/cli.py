@@ -51,7 +51,7 @@ def _headline(result: dict[str, Any]) -> tuple[str, str]:
     """The figure and the baseline as one short line each."""
     f, b = result["figures"], result.get("baseline") or {}
     name = result["scenario"]
-    if name == "sweep":
+    if name in ("sweep", "sweep_tuned"):
         return (
             f"{f['seconds']:.2f} s ({f['due']:,} due of {f['instances']:,})",
             f"{b['seconds']:.2f} s ({b['instances']:,} instances)",

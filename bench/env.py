@@ -102,6 +102,96 @@ class Postgres:
         self._admin.dispose()
 
 
+def production_settings(ram: int) -> dict[str, str]:
+    """What a production PostgreSQL sets that the distribution's defaults do not: a quarter of
+    the RAM for shared buffers (the usual advice), half of it as the planner's cache estimate,
+    and checkpoints spaced out so that a bulk load is not one checkpoint after another. The
+    rest stays at the defaults."""
+    mib = 1024 * 1024
+    return {
+        "shared_buffers": f"{ram // 4 // mib}MB",
+        "effective_cache_size": f"{ram // 2 // mib}MB",
+        "max_wal_size": "8GB",
+        "checkpoint_timeout": "15min",
+    }
+
+
+@contextlib.contextmanager
+def private_postgres(settings: dict[str, str]) -> Iterator[str]:
+    """A PostgreSQL cluster of the benchmark's own, with ``settings``: initdb in a temporary
+    directory from the machine's newest server binaries, a free port on 127.0.0.1, stopped
+    and deleted afterwards. Yields its admin URL. The shared server is not touched.
+    PostgreSQL refuses to run as root, so as root the cluster belongs to ``postgres``."""
+    import shutil
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    import psycopg
+
+    binaries = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda path: int(path.parent.parent.name) if path.parent.parent.name.isdigit() else 0,
+    )
+    if not binaries:
+        raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+    bin_dir = binaries[-1].parent
+    directory = Path(tempfile.mkdtemp(prefix="ql-bench-pg-"))
+    as_owner: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres", "postgres")
+        as_owner = {"user": "postgres", "group": "postgres"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(
+            [
+                *(str(bin_dir / "initdb"), "-D", str(directory / "data"), "-U", "postgres"),
+                *("--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"),
+            ],
+            check=True,
+            capture_output=True,
+            cwd=directory,
+            **as_owner,
+        )
+        options = [f"{name}={value}" for name, value in settings.items()]
+        options += ["listen_addresses=127.0.0.1", f"unix_socket_directories={directory}"]
+        with (directory / "server.log").open("wb") as log:
+            server = subprocess.Popen(
+                [str(bin_dir / "postgres"), "-D", str(directory / "data"), "-p", str(port)]
+                + [arg for option in options for arg in ("-c", option)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=directory,
+                **as_owner,
+            )
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(url, connect_timeout=2).close()
+                break
+            except psycopg.OperationalError as exc:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log_text = (directory / "server.log").read_text(errors="replace")
+                    raise RuntimeError(f"the private PostgreSQL did not start: {log_text}") from exc
+                time.sleep(0.2)
+        yield url
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def engine_for(url: str) -> Iterator[Engine]:
     engine = make_engine(url)
@@ -203,6 +293,11 @@ def _cpu_model() -> str:
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def ram_bytes() -> int:
+    """The machine's RAM (4 GiB if /proc/meminfo cannot tell)."""
+    return _ram_bytes() or 4 * 1024**3
 
 
 def _ram_bytes() -> int | None:

@@ -23,7 +23,15 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from bench import data
-from bench.env import Postgres, Processes, RedisDb, engine_for
+from bench.env import (
+    Postgres,
+    Processes,
+    RedisDb,
+    engine_for,
+    private_postgres,
+    production_settings,
+    ram_bytes,
+)
 from ledger.chain import CHAIN_FIELDS
 from ledger.db import make_engine, upgrade
 from ledger.policy import Policy, load_policy
@@ -295,7 +303,33 @@ def _reminders_once(url: str, policy: Policy) -> tuple[float, int]:
 
 
 def sweep(ctx: Context) -> Result:
-    large = ctx.large()
+    return _sweep_scaling(ctx, "sweep", "sweep scaling", ctx.large())
+
+
+def sweep_tuned(ctx: Context) -> Result:
+    """The same sweep scaling on a PostgreSQL configured as production would be (a cluster of
+    the benchmark's own: :func:`bench.env.production_settings`), both ledgers loaded anew."""
+    settings = production_settings(ram_bytes())
+    ctx.log(f"sweep (tuned PostgreSQL): starting a private cluster with {settings} …")
+    with private_postgres(settings) as admin_url:
+        tuned = Context(
+            scale=ctx.scale, log=ctx.log, postgres=Postgres(admin_url), processes=ctx.processes
+        )
+        try:
+            large = tuned.load(ctx.n(1_000_000, 200), ctx.n(10_000, 2))
+            result = _sweep_scaling(tuned, "sweep_tuned", "sweep scaling, tuned PostgreSQL", large)
+        finally:
+            tuned.postgres.close()
+            tuned.close()
+    result.params["postgresql_settings"] = settings
+    result.notes.append(
+        "a private PostgreSQL cluster started by the benchmark with these settings "
+        f"({', '.join(f'{k}={v}' for k, v in settings.items())}), the rest at the defaults"
+    )
+    return result
+
+
+def _sweep_scaling(ctx: Context, name: str, title: str, large: Dataset) -> Result:
     ctx.log(f"sweep: {large.due:,} due among {large.instances:,} instances …")
     big_seconds, big_plan, big_reminders = _sweep_once(large.url, ctx.policy, large.due)
     big_backlog_seconds, big_backlog = _reminders_once(large.url, ctx.policy)
@@ -316,8 +350,8 @@ def sweep(ctx: Context) -> Result:
     }
     per_reminder["ratio"] = round(per_reminder["large_us"] / max(per_reminder["small_us"], 1e-9), 3)
     return Result(
-        "sweep",
-        "sweep scaling",
+        name,
+        title,
         f"sweep time, {large.due:,} due among {large.instances:,} instances",
         {
             "instances": large.instances,
@@ -518,6 +552,8 @@ SCENARIOS: dict[str, Callable[[Context], Result]] = {
     # then covers them too.
     "sweep": sweep,
     "rebuild": rebuild,
+    # Last of these: it loads both ledgers again, into a cluster of its own.
+    "sweep_tuned": sweep_tuned,
 }
 
 

@@ -24,6 +24,7 @@ SCENARIOS = {
     "query",
     "rebuild",
     "sweep",
+    "sweep_tuned",
     "celery_single",
     "celery_batched",
     "resequencer",
