@@ -10,6 +10,7 @@ import json
 import sys
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import assume, given, settings
@@ -185,3 +186,52 @@ def test_batch_tuning_raises_the_threshold_once_and_leaves_an_off_collector_off(
         assert gc.get_threshold()[0] == 0
     finally:
         gc.set_threshold(*before)
+
+
+# -- SQLite time binding ---------------------------------------------------------------------
+
+
+def _plain_sqlite_time(value: Any) -> Any:
+    """What SQLAlchemy writes for a ``UTCDateTime`` on SQLite without the fast path: the
+    decorator's ``process_bind_param``, then the dialect's own ``DATETIME`` formatting."""
+    from sqlalchemy import DateTime
+    from sqlalchemy.dialects import sqlite
+
+    from ledger.tables import UTCDateTime
+
+    dialect = sqlite.dialect()
+    inner = DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
+    assert inner is not None
+    return inner(UTCDateTime().process_bind_param(value, dialect))
+
+
+@settings(max_examples=500)
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.timezones() | st.just(UTC),
+    )
+)
+def test_sqlite_time_binding_is_sqlalchemys(moment: datetime) -> None:
+    from sqlalchemy.dialects import sqlite
+
+    from ledger.tables import UTCDateTime
+
+    fast = UTCDateTime().bind_processor(sqlite.dialect())
+    assert fast(moment) == _plain_sqlite_time(moment)
+    assert fast(moment) == _plain_sqlite_time(moment)  # from the cache
+
+
+def test_sqlite_time_binding_refuses_what_the_plain_way_refuses() -> None:
+    from sqlalchemy.dialects import sqlite
+
+    from ledger.tables import UTCDateTime
+
+    fast = UTCDateTime().bind_processor(sqlite.dialect())
+    assert fast(None) is None and _plain_sqlite_time(None) is None
+    for bad, error in ((datetime(2026, 1, 1), ValueError), ("2026-01-01", TypeError)):
+        with pytest.raises(error):
+            fast(bad)
+        with pytest.raises(error):
+            _plain_sqlite_time(bad)
