@@ -235,3 +235,21 @@ def test_sqlite_time_binding_refuses_what_the_plain_way_refuses() -> None:
             fast(bad)
         with pytest.raises(error):
             _plain_sqlite_time(bad)
+
+
+@settings(max_examples=200)
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)))
+def test_postgres_time_binding_of_a_utc_datetime_is_the_general_path(wall: datetime) -> None:
+    """The shortcut for a datetime already in UTC gives what the general path gives for the
+    same instant in another zone (the COPY path binds every time through it)."""
+    from sqlalchemy.dialects import postgresql
+
+    from ledger.tables import UTCDateTime
+
+    dialect = postgresql.dialect()
+    utc = wall.replace(tzinfo=UTC)
+    elsewhere = utc.astimezone(timezone(timedelta(hours=-3)))
+    bind = UTCDateTime().process_bind_param
+    fast, general = bind(utc, dialect), bind(elsewhere, dialect)
+    assert fast == general and fast is not None and fast.utcoffset() == timedelta(0)
+    assert (fast.tzinfo, general.tzinfo) == (UTC, UTC)
