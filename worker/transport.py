@@ -211,6 +211,16 @@ class Channel(kombu_redis.Channel):
             if flush_reauth is not None:
                 flush_reauth()
 
+    def _poll_error(self, type: str, **options: Any) -> Any:
+        """kombu reads the pending reply of a socket in error as a BRPOP reply; ours is the
+        reply of the command actually sent. A claimed message read here is not delivered, but
+        it is recorded in ``unacked``: the visibility timeout hands it out again."""
+        if type == "BRPOP" and self._sent_command != "BRPOP":
+            reply = self.client.parse_response(self.client.connection, self._sent_command)
+            self._in_poll = None  # type: ignore[assignment]  # nothing pending any more
+            return reply
+        return super()._poll_error(type, **options)
+
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection.client is None:
             raise RedisConnectionError("the broker connection is closed")

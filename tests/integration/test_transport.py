@@ -207,3 +207,23 @@ def test_an_unreadable_recorded_item_is_dead_lettered_under_its_own_tag(url: str
         connection.drain_events(timeout=5)
     assert seen == [("tag-1", "quota_ledger.dead_letter")]
     assert (client.llen("t"), client.hlen("unacked"), client.zcard("unacked_index")) == (0, 0, 0)
+
+
+def test_a_socket_error_reads_the_reply_of_the_command_sent(url: str) -> None:
+    """kombu reads the pending reply of a socket in error (``_poll_error``) as a BRPOP reply;
+    here it is the claim's ``[key, item, tag]``: read as such, nothing pending afterwards, and
+    the claimed message stays recorded for the visibility timeout."""
+    publish(url, {"n": 1})
+    client = redis.Redis.from_url(url)
+    with (
+        connect(url) as connection,
+        Consumer(connection, [queue_named("t")], accept=["json"], callbacks=[]) as consumer,
+    ):
+        channel = consumer.channel
+        # What kombu's poller does before its first fetch: a connection of the client's own.
+        channel.client.connection = channel.client.connection_pool.get_connection()
+        channel._brpop_start()
+        key, item, tag = channel._poll_error("BRPOP")
+        assert (key, json.loads(item)["properties"]["delivery_tag"]) == (b"t", tag.decode())
+        assert channel._in_poll is None
+        assert client.hexists("unacked", tag) and client.llen("t") == 0
