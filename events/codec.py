@@ -80,7 +80,7 @@ def canonical_json(obj: Any) -> str:
     same bytes ten times faster for everything but floats (it spells ``0.00001`` where Python
     spells ``1e-05``), so a value without floats goes through orjson, and anything orjson
     refuses (an int beyond 64 bits, a lone surrogate, a non-string key) through the standard
-    library. ``tests/property/test_canonical_json.py`` pins the two to the same output.
+    library. ``tests/property/test_json_codecs.py`` pins the two to the same output.
     """
     if _without_floats(obj):
         try:

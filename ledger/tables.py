@@ -72,11 +72,7 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.__class__ is datetime and value.tzinfo is UTC and dialect.name != "sqlite":
             return value  # already what the rest would make of it: the common case
-        if not isinstance(value, datetime):
-            raise TypeError(f"UTCDateTime needs a datetime, got {type(value).__name__}")
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"naive datetime {value!r} refused: give it a timezone")
-        moment: datetime = value.astimezone(UTC)
+        moment = _aware_utc(value)
         if dialect.name == "sqlite":
             # SQLite's DATETIME drops the zone silently; store the UTC wall time.
             return moment.replace(tzinfo=None)
@@ -100,6 +96,15 @@ class UTCDateTime(TypeDecorator[datetime]):
         return _sqlite_time_text
 
 
+def _aware_utc(value: Any) -> datetime:
+    """``value`` in UTC; a naive datetime or anything else is refused."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"UTCDateTime needs a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value!r} refused: give it a timezone")
+    return value.astimezone(UTC)
+
+
 _SQLITE_TIME_FORMAT = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
 _sqlite_time_texts: dict[datetime, str] = {}
 
@@ -110,11 +115,7 @@ def _sqlite_time_text(value: Any) -> str | None:
     text = _sqlite_time_texts.get(value) if type(value) is datetime else None
     if text is not None:
         return text
-    if not isinstance(value, datetime):
-        raise TypeError(f"UTCDateTime needs a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value!r} refused: give it a timezone")
-    moment = value.astimezone(UTC)
+    moment = _aware_utc(value)
     text = _SQLITE_TIME_FORMAT % (
         *(moment.year, moment.month, moment.day),
         *(moment.hour, moment.minute, moment.second, moment.microsecond),

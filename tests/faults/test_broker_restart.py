@@ -212,7 +212,7 @@ def test_redis_killed_and_restarted_during_publishing_and_processing(
         # - up to one message per outage, taken by the worker around the freeze. With kombu's
         #   BRPOP-then-record transport that was the message between its BRPOP and its record
         #   (kombu issue #305), a window worker/transport.py closed (tests/integration/
-        #   test_transport.py kills a consumer in it). Yet one run in seven after that change
+        #   test_transport.py kills a consumer in it). Yet one run of ten after that change
         #   still lost one message with ``always`` (the one published just before the second
         #   freeze), cause not yet found: issue #11 stays open, and the allowance stays until
         #   the cause is known. ``why`` lists the broker's keys, so a failure says where to look.

@@ -52,8 +52,11 @@ def queue_named(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
-def connect(url: str, transport: str = OURS) -> Connection:
+def connect(url: str, transport: str = OURS, *, wait_s: float = 1.0) -> Connection:
+    """A connection whose consumers wait ``wait_s`` on an empty queue before looking again
+    (kombu's ``polling_interval``, its ``brpop_timeout``)."""
     options = {
+        "polling_interval": wait_s,
         "visibility_timeout": VISIBILITY_S,
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
@@ -70,20 +73,25 @@ def publish(url: str, body: dict[str, Any], queue: str = "t") -> None:
         )
 
 
-def consume(url: str, count: int, *, queues: tuple[str, ...] = ("t",), deadline_s: float = 20):
-    """The first ``count`` messages a consumer of ``queues`` gets, acknowledged, with the
-    seconds each took to arrive and whether it was a redelivery."""
+def consume(
+    url: str,
+    count: int,
+    *,
+    queues: tuple[str, ...] = ("t",),
+    deadline_s: float = 20,
+    wait_s: float = 1.0,
+) -> list[tuple[Any, float, bool]]:
+    """The first ``count`` messages a consumer of ``queues`` gets, acknowledged, each with the
+    moment it arrived (``time.monotonic()``) and whether it was a redelivery."""
     got: list[tuple[Any, float, bool]] = []
     started = time.monotonic()
 
     def on_message(body: Any, message: Any) -> None:
-        got.append(
-            (body, time.monotonic() - started, bool(message.delivery_info.get("redelivered")))
-        )
+        got.append((body, time.monotonic(), bool(message.delivery_info.get("redelivered"))))
         message.ack()
 
     with (
-        connect(url) as connection,
+        connect(url, wait_s=wait_s) as connection,
         Consumer(
             connection, [queue_named(q) for q in queues], accept=["json"], callbacks=[on_message]
         ),
@@ -92,6 +100,22 @@ def consume(url: str, count: int, *, queues: tuple[str, ...] = ("t",), deadline_
             with contextlib.suppress(TimeoutError):
                 connection.drain_events(timeout=0.5)
     return got
+
+
+def publish_later(
+    url: str, body: dict[str, Any], delay_s: float, queue: str = "t"
+) -> tuple[threading.Timer, list[float]]:
+    """Publish ``body`` from another thread after ``delay_s``; the list gets the moment the
+    publish returned."""
+    published: list[float] = []
+
+    def send() -> None:
+        publish(url, body, queue)
+        published.append(time.monotonic())
+
+    timer = threading.Timer(delay_s, send)
+    timer.start()
+    return timer, published
 
 
 def die_on_delivery(url: str, transport: str) -> None:
@@ -126,10 +150,11 @@ def test_a_consumer_killed_right_after_the_claim_leaves_the_message_for_the_next
     client = redis.Redis.from_url(url)
     assert client.llen("t") == 0
     assert client.hlen("unacked") == 1 and client.zcard("unacked_index") == 1
+    started = time.monotonic()
     got = consume(url, 1)
     assert [(body, redelivered) for body, _, redelivered in got] == [({"n": 1}, True)]
     # The visibility timeout plus one restore interval, and a second of slack.
-    assert got[0][1] < VISIBILITY_S + 1 + 1
+    assert got[0][1] - started < VISIBILITY_S + 1 + 1
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
 
 
@@ -158,25 +183,24 @@ def test_the_unacked_entry_is_what_kombus_restore_reads(url: str) -> None:
 
 def test_an_idle_consumer_gets_a_message_as_soon_as_it_is_published(url: str) -> None:
     """The blocking wait (BLMOVE of the queue onto itself) returns on a push, not after its
-    timeout, and takes nothing."""
-    timer = threading.Timer(1.5, publish, args=(url, {"n": 1}))
-    timer.start()
-    started = time.monotonic()
-    got = consume(url, 1)
+    timeout, and takes nothing. The wait here is 10 s, so a message that came only when the
+    wait timed out would take ~8.5 s after its publish, not a moment."""
+    timer, published = publish_later(url, {"n": 1}, 1.5)
+    got = consume(url, 1, wait_s=10)
     timer.join()
     assert [body for body, _, _ in got] == [{"n": 1}]
-    assert time.monotonic() - started < 1.5 + 0.5
+    assert got[0][1] - published[0] < 3
 
 
 def test_a_message_on_another_queue_arrives_within_the_wait_timeout(url: str) -> None:
-    """The wait watches one queue; a message on the other is claimed when it times out (1 s)."""
+    """The wait watches one queue; a message on the other is claimed when it times out (1 s
+    here), then at most a claim later."""
     publish(url, {"n": 0}, queue="a")
-    timer = threading.Timer(1.5, publish, args=(url, {"n": 1}), kwargs={"queue": "b"})
-    timer.start()
+    timer, published = publish_later(url, {"n": 1}, 1.5, queue="b")
     got = consume(url, 2, queues=("a", "b"))
     timer.join()
     assert [body for body, _, _ in got] == [{"n": 0}, {"n": 1}]
-    assert got[1][1] < 1.5 + 1 + 0.5
+    assert got[1][1] - published[0] < 1 + 1.5
 
 
 def test_an_unreadable_recorded_item_is_dead_lettered_under_its_own_tag(url: str) -> None:
