@@ -24,11 +24,12 @@ connections) and disposed in ``worker_process_shutdown``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -420,10 +421,11 @@ def _terminating(exc: BaseException) -> bool:
     terminate handler fired (Celery cancels a running late-ack task on a lost broker connection
     with SIGTERM, which raises SystemExit in the task), or a SystemExit/KeyboardInterrupt sits in
     the exception's chain. Libraries may wrap it in an ordinary exception — pydantic does, as
-    ``PydanticSerializationError: Error calling function `iso_utc`: SystemExit: -241`` — and
-    the task then dead-lettered a whole message of valid events as ``processing_error`` (found
-    by ``tests/faults/test_broker_restart.py``). Re-raised, the process exits, the job counts as
-    lost and the message is delivered again."""
+    ``PydanticSerializationError: Error calling function `iso_utc`: SystemExit: -241``. Such an
+    error must neither be dead-lettered (a whole message of valid events as
+    ``processing_error``) nor reach Celery as an ordinary failure (Celery acknowledges a failed
+    late-ack task, and the message is lost unapplied): :func:`_stopping_as_a_stop` turns it
+    back into the process stopping."""
     try:
         from billiard.common import terminate_handler_fired
     except ImportError:  # pragma: no cover - billiard ships with Celery
@@ -432,6 +434,20 @@ def _terminating(exc: BaseException) -> bool:
         fired = bool(terminate_handler_fired())
     stopping = any(not isinstance(cause, Exception) for cause in exception_chain(exc))
     return stopping or fired
+
+
+def _stop_instead_of(exc: Exception) -> BaseException:
+    """What to raise instead of ``exc`` when :func:`_terminating` says the process is being
+    stopped: the SystemExit (or KeyboardInterrupt) it wraps, as a fresh exception, else a
+    SystemExit. Not an ``Exception``, so Celery's tracer does not report it as the task's
+    failure: billiard lets the process exit without a result (the terminate handler fired) and
+    Celery counts the job as terminated or lost, never acknowledged. A request Celery cancelled
+    on a lost connection stays unacknowledged and comes back after its visibility timeout; one
+    stopped otherwise is rejected and requeued (``task_reject_on_worker_lost``)."""
+    stop = next((e for e in exception_chain(exc) if not isinstance(e, Exception)), None)
+    if isinstance(stop, KeyboardInterrupt):
+        return KeyboardInterrupt()
+    return SystemExit(stop.code if isinstance(stop, SystemExit) else None)
 
 
 def _runtime_or_retry(task: Task) -> _Runtime:
@@ -520,6 +536,25 @@ def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> 
     return [r.to_json() for r in results]
 
 
+def _stopping_as_a_stop(body: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
+    """A task body whose exceptions, while its process is being stopped (a transient error
+    turned into a retry, a wrapped SystemExit), leave as the stop they are
+    (:func:`_stop_instead_of`). Reported as an ordinary failure, Celery would acknowledge the
+    late-ack message unapplied: found by ``tests/faults/test_broker_restart.py``, where the
+    message in flight at a Redis kill was lost that way."""
+
+    @functools.wraps(body)
+    def task_body(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
+        try:
+            return body(self, *args, **kwargs)
+        except Exception as exc:
+            if _terminating(exc):
+                raise _stop_instead_of(exc) from exc
+            raise
+
+    return task_body
+
+
 class _DeadLetteringTask(Task):
     """The apply tasks handle whatever their body sees, so a failure that reaches Celery means
     the message could not even be passed to them (a body whose arguments are not a list and an
@@ -540,6 +575,7 @@ class _DeadLetteringTask(Task):
 
 
 @shared_task(bind=True, name=TASK_APPLY_BATCH, base=_DeadLetteringTask)
+@_stopping_as_a_stop
 def apply_batch(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
     """``apply_batch(events)``: a JSON array of at most 1000 events, each a JSON object or a
     JSON string; applied in one transaction. Returns one ``apply --json`` object per element."""
@@ -547,12 +583,14 @@ def apply_batch(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
 
 
 @shared_task(bind=True, name=TASK_APPLY_EVENT, base=_DeadLetteringTask)
+@_stopping_as_a_stop
 def apply_event(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
     """``apply_event(event)``: one event, a JSON object or a JSON string."""
     return _run(self, TASK_APPLY_EVENT, args, kwargs)
 
 
 @shared_task(bind=True, name=TASK_DEAD_LETTER, base=_DeadLetteringTask)
+@_stopping_as_a_stop
 def dead_letter(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
     """``dead_letter(raw, error)``: a message the worker could not read or run (an item that is
     not a kombu message, ``worker/transport.py``; a body that does not decode or a task nobody

@@ -222,20 +222,76 @@ def test_a_transient_error_before_the_task_starts_is_retried_not_acknowledged(
     assert _entries(sqlite_url) == ["rt-1"] and _dead_letters(sqlite_url) == []
 
 
-def test_a_task_cancelled_by_sigterm_is_not_dead_lettered(app, sqlite_url, monkeypatch) -> None:
+def test_a_task_cancelled_by_sigterm_stops_its_process_instead_of_failing(
+    app, sqlite_url, monkeypatch
+) -> None:
     # Celery cancels a running late-ack task on a lost broker connection with SIGTERM: billiard
     # raises SystemExit in it, which pydantic wraps in an ordinary exception. The message must be
-    # left to redelivery, not dead-lettered as processing_error.
+    # left to redelivery: not dead-lettered as processing_error, and not reported as a failure
+    # either (Celery acknowledges a failed late-ack task: the message would be lost unapplied).
+    # Only a SystemExit leaves the pool process without a result.
     import billiard.common
 
-    def cancelled(self, items, *, raws=None):
-        raise ValueError("Error calling function `iso_utc`: SystemExit: -241")
+    def cancelled(self, items, *, raws=None, sequence=None):
+        raise ValueError("Error calling function `iso_utc`: SystemExit: -241") from SystemExit(-241)
 
     monkeypatch.setattr(Ledger, "apply", cancelled)
     monkeypatch.setattr(billiard.common, "terminate_handler_fired", lambda: True)
-    result = _run(app, TASK_APPLY_BATCH, [Events("ct").purchase("i-ct")])
-    assert not result.successful()
+    with pytest.raises(SystemExit) as stopped:
+        _run(app, TASK_APPLY_BATCH, [Events("ct").purchase("i-ct")])
+    assert stopped.value.code == -241
+    assert isinstance(stopped.value.__cause__, ValueError)
     assert _entries(sqlite_url) == [] and _dead_letters(sqlite_url) == []
+
+
+def test_a_transient_error_while_the_process_stops_is_a_stop_not_a_retry(
+    app, sqlite_url, monkeypatch
+) -> None:
+    # SIGTERM while the database call was waiting: the driver reports a connection error. A retry
+    # would publish a copy and acknowledge the original; the stop leaves the original in flight.
+    import billiard.common
+    import sqlalchemy.exc
+
+    def interrupted(self, items, *, raws=None, sequence=None):
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionError("interrupted"))
+
+    monkeypatch.setattr(Ledger, "apply", interrupted)
+    monkeypatch.setattr(billiard.common, "terminate_handler_fired", lambda: True)
+    retries_asked = _spy_on_retries(app, monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        _run(app, TASK_APPLY_BATCH, [Events("ti").purchase("i-ti")])
+    assert stopped.value.code is None
+    assert retries_asked == []
+    assert _entries(sqlite_url) == [] and _dead_letters(sqlite_url) == []
+
+
+def test_the_same_errors_without_a_stop_are_retried_or_dead_lettered(
+    app, sqlite_url, monkeypatch
+) -> None:
+    # The control of the two tests above: with no terminate handler fired and no SystemExit in
+    # the chain, the same errors are the message failing: dead-lettered, or retried.
+    import sqlalchemy.exc
+
+    real_apply = Ledger.apply
+    errors = [
+        sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionError("interrupted")),
+        ValueError("Error calling function `iso_utc`: SystemExit: -241"),
+    ]
+
+    def failing(self, items, *, raws=None, sequence=None):
+        if errors and any(isinstance(item, BaseEvent) for item in items):
+            raise errors.pop()
+        return real_apply(self, items, raws=raws, sequence=sequence)
+
+    monkeypatch.setattr(Ledger, "apply", failing)
+    retries_asked = _spy_on_retries(app, monkeypatch)
+    result = _run(app, TASK_APPLY_BATCH, [Events("cf").purchase("i-cf")])
+    assert result.successful()
+    assert [r["outcome"] for r in result.get()] == ["invalid"]
+    assert [d.code for d in _dead_letters(sqlite_url)] == ["processing_error"]
+    retried = _run(app, TASK_APPLY_BATCH, [Events("cg").purchase("i-cg")], task_id="task-2")
+    assert len(retries_asked) == 1 and retried.successful()
+    assert _entries(sqlite_url) == ["cg-1"]
 
 
 def test_backoff_is_exponential_bounded_and_jittered() -> None:
