@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import kombu.exceptions
 import redis.exceptions
@@ -97,6 +97,7 @@ __all__ = [
 _MAX_ERROR_CHARS = 1000
 
 Parsed = Event | EventRejection
+_Result = TypeVar("_Result")
 
 
 # --- the per-process runtime ---------------------------------------------------------------------
@@ -536,15 +537,16 @@ def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> 
     return [r.to_json() for r in results]
 
 
-def _stopping_as_a_stop(body: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
+def _stopping_as_a_stop(body: Callable[..., _Result]) -> Callable[..., _Result]:
     """A task body whose exceptions, while its process is being stopped (a transient error
     turned into a retry, a wrapped SystemExit), leave as the stop they are
     (:func:`_stop_instead_of`). Reported as an ordinary failure, Celery would acknowledge the
     late-ack message unapplied: found by ``tests/faults/test_broker_restart.py``, where the
-    message in flight at a Redis kill was lost that way."""
+    message in flight at a Redis kill was lost that way. Every task of the worker wears it: a
+    sweep or a webhook pass cut short is not a failure either."""
 
     @functools.wraps(body)
-    def task_body(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
+    def task_body(self: Task, *args: Any, **kwargs: Any) -> _Result:
         try:
             return body(self, *args, **kwargs)
         except Exception as exc:
@@ -607,6 +609,7 @@ def dead_letter(self: Task, *args: Any, **kwargs: Any) -> list[dict]:
 
 
 @shared_task(bind=True, name=TASK_DELIVER_WEBHOOKS)
+@_stopping_as_a_stop
 def deliver_webhooks(self: Task) -> dict[str, Any]:
     """One webhook delivery pass: every due endpoint gets the changes after its cursor, in order
     (``worker.webhooks``). Endpoints are leased, so overlapping passes share the work instead
@@ -626,6 +629,7 @@ def deliver_webhooks(self: Task) -> dict[str, Any]:
 
 
 @shared_task(bind=True, name=TASK_SWEEP)
+@_stopping_as_a_stop
 def sweep(self: Task, now: str | None = None) -> dict[str, Any]:
     """The expiry sweep as of ``now`` (ISO 8601; default the current time).
 
