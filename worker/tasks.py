@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import kombu.exceptions
 import redis.exceptions
 from celery import Task, shared_task
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.engine import Engine
@@ -412,9 +412,28 @@ def _dead_letter_or_retry(
             raise
         runtime.deliveries.clear(task.request.id or "")
         countdown = runtime.settings.retry_backoff_max
-        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+        raise _retry(task, exc, countdown=countdown, max_retries=None) from exc
     record_apply(results, types=types, seconds=0.0)
     return [r.to_json() for r in results]
+
+
+def _retry(task: Task, exc: Exception, *, countdown: float, max_retries: int | None) -> Retry:
+    """``task.retry``: Celery publishes a copy of the message due in ``countdown`` seconds, raises
+    ``Retry``, and acknowledges the original. If the copy cannot be published (the broker is down
+    for longer than the publish retries), Celery raises ``Reject(requeue=False)`` instead, and
+    the original is acknowledged all the same: nothing would be left of the message. Here it is
+    rejected *with* requeue — back on its queue once the broker answers, or, if the reject
+    cannot reach the broker either, handed out again after the visibility timeout."""
+    try:
+        return task.retry(exc=exc, countdown=countdown, max_retries=max_retries)
+    except Reject as rejected:
+        if rejected.requeue:
+            raise
+        log.warning(
+            "%s[%s]: the retry could not be published (%s); requeueing the message",
+            *(task.name, task.request.id, _error_text(exc)),
+        )
+        raise Reject(rejected.reason, requeue=True) from exc
 
 
 def _terminating(exc: BaseException) -> bool:
@@ -469,7 +488,7 @@ def _runtime_or_retry(task: Task) -> _Runtime:
             *(task.name, task.request.id, countdown, _error_text(exc)),
         )
         # No limit: nothing was applied, and the message must not be acknowledged unapplied.
-        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+        raise _retry(task, exc, countdown=countdown, max_retries=None) from exc
 
 
 def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> list[dict]:
@@ -516,9 +535,8 @@ def _run(task: Task, kind: str, args: Sequence[Any], kwargs: dict[str, Any]) -> 
                     *(kind, task_id, retries + 1, countdown, error),
                 )
                 runtime.deliveries.clear(task_id)
-                raise task.retry(
-                    exc=exc, countdown=countdown, max_retries=settings.max_retries
-                ) from exc
+                limit = settings.max_retries
+                raise _retry(task, exc, countdown=countdown, max_retries=limit) from exc
             error = f"gave up after {retries} retries: {error}"
         log.exception("%s[%s] failed; dead-lettering its events", kind, task_id)
         if message is None:  # decoding itself failed
