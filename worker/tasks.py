@@ -15,7 +15,13 @@ Failure handling (docs/architecture.md):
 * any other exception — or a transient one that outlived the retries — dead-letters every
   event of the message as ``processing_error`` with the error text, and the message is acked;
 * a message started more than ``max_deliveries`` times without completing (it kills its
-  worker process) is dead-lettered as ``processing_error`` without being decoded again.
+  worker process) is dead-lettered as ``processing_error`` without being decoded again;
+* a task whose process is being stopped (Celery cancels running late-ack tasks with SIGTERM when
+  the broker connection drops) leaves as a ``SystemExit``, however a library wrapped it, never
+  as a failure: Celery acknowledges a failed task, and the message would be lost unapplied
+  (``_stopping_as_a_stop``);
+* a retry whose copy cannot be published requeues the message instead of letting Celery
+  acknowledge it (``_retry``).
 
 One engine per worker process: created on first use (so after the prefork fork), forgotten
 without closing in ``worker_process_init`` (a forked child must not touch the parent's
